@@ -1,0 +1,115 @@
+"""Paged KV storage in two tiers: chunk slots on the device and in host memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+
+def _runs(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Coalesce (src, dst) slot pairs into (src, dst, count) runs where both sides are consecutive."""
+    runs: list[tuple[int, int, int]] = []
+    for src, dst in pairs:
+        if runs and src == runs[-1][0] + runs[-1][2] and dst == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((src, dst, 1))
+    return runs
+
+
+class PagedKVStore:
+    """KV cache slots of `chunk_tokens` tokens each, in a device pool and a host pool.
+
+    Both pools are layer-major so one layer's KV can move and be attended to on its own:
+    `device_pool`: [layers, device_slots, 2, chunk_tokens, kv_heads, head_dim] (index 0 of dim 2 is K, 1 is V),
+    `host_pool`:   [layers, host_slots,   2, chunk_tokens, kv_heads, head_dim], pinned on CUDA.
+    On CUDA, copies run on a separate stream and record one event per layer; the attention of a
+    layer calls `wait_layer` so it starts only when that layer's copies are done. On CPU a copy is
+    a plain copy and `wait_layer` does nothing.
+    """
+
+    def __init__(
+        self,
+        device_slots: int,
+        host_slots: int,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        chunk_tokens: int = 32,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        assert device_slots >= 0 and host_slots >= 0 and chunk_tokens > 0
+        self.device = torch.device(device)
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.chunk_tokens, self.dtype = chunk_tokens, dtype
+        self.device_slots, self.host_slots = device_slots, host_slots
+        on_cuda = self.device.type == "cuda"
+        chunk_shape = (2, chunk_tokens, kv_heads, head_dim)
+        # Zero-filled: a padded gather may touch slots never written, and masked-out NaNs would still poison softmax @ V.
+        self.device_pool = torch.zeros((layers, device_slots, *chunk_shape), dtype=dtype, device=self.device)
+        self.host_pool = torch.zeros((layers, host_slots, *chunk_shape), dtype=dtype, pin_memory=on_cuda)
+        self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self._layer_events: list[Any] = [None] * layers
+
+    @classmethod
+    def for_model(
+        cls, dims: dict[str, Any], device_slots: int, host_slots: int, chunk_tokens: int = 32,
+        device: str | torch.device = "cpu",
+    ) -> PagedKVStore:
+        """A store shaped for a model's `dims` (as in `LoadedModel.dims`)."""
+        dtype = getattr(torch, dims["dtype"])
+        return cls(device_slots, host_slots, dims["layers"], dims["kv_heads"], dims["head_dim"], chunk_tokens,
+                   dtype, device)
+
+    @property
+    def bytes_per_chunk(self) -> int:
+        """Bytes one chunk slot holds across all layers, K and V: 2 x layers x chunk x kv_heads x head_dim x itemsize."""
+        return 2 * self.layers * self.chunk_tokens * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    def swap_out(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy chunks device -> host, all layers, for each (device_slot, host_slot) pair."""
+        self._copy(_runs(pairs), self.device_pool, self.host_pool)
+
+    def swap_in(self, pairs: Sequence[tuple[int, int]]) -> list[Any] | None:
+        """Copy chunks host -> device, layer by layer, for each (host_slot, device_slot) pair.
+
+        Returns the per-layer CUDA events the attention waits on (None on CPU, where the copy is done).
+        """
+        return self._copy(_runs(pairs), self.host_pool, self.device_pool)
+
+    def _copy(self, runs: list[tuple[int, int, int]], src: torch.Tensor, dst: torch.Tensor) -> list[Any] | None:
+        if self._copy_stream is None:
+            for s, d, n in runs:
+                dst[:, d : d + n].copy_(src[:, s : s + n])
+            return None
+        if not runs:
+            return None
+        stream = self._copy_stream
+        # Earlier forwards may still read or write these slots on the compute stream.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        events = []
+        with torch.cuda.stream(stream):
+            for layer in range(self.layers):
+                for s, d, n in runs:
+                    dst[layer, d : d + n].copy_(src[layer, s : s + n], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+                events.append(event)
+        # Copies on one stream complete in order, so the latest event per layer covers earlier ones.
+        self._layer_events = list(events)
+        return events
+
+    def wait_layer(self, layer: int) -> None:
+        """Make the compute stream wait until this layer's pending copies are done (no-op on CPU)."""
+        event = self._layer_events[layer]
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            self._layer_events[layer] = None
+
+    def synchronize(self) -> None:
+        """Block until all copies finished, e.g. before the host reads `host_pool`."""
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()

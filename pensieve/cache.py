@@ -1,0 +1,501 @@
+"""The KV cache manager: conversations' chunks on a device tier and a host tier.
+
+It owns both tiers' slots and every conversation's chunk layout, and records the copies a
+backend must carry out (swap out device -> host, swap in host -> device) for the step being
+planned. Which idle conversation gives up a chunk is the policy's call; the mechanics are here:
+- eviction from the device tier copies a chunk to the host tier (swap-out) and frees its device
+  slot; with no host room, or no host tier, the chunk is dropped;
+- ahead-of-time swap-out copies chunks while the device tier is still fairly free and keeps the
+  device copy until the slot is actually needed (lazy reclaim), so eviction itself is free;
+- the host tier, when full, drops chunks by the same policy;
+- chunks of active conversations (an admitted request) are never touched.
+"""
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+from .policies import EvictionPolicy
+from .request import Conversation
+from .tiers import SlotPool
+
+
+@dataclass
+class Restore:
+    """What admitting a conversation's request found and must compute."""
+
+    spans: list[tuple[int, int]]  # (start position, length) of query tokens, ascending
+    gpu_hit_tokens: int
+    cpu_hit_tokens: int
+    recomputed_tokens: int
+    new_tokens: int
+    swap_in_chunks: int
+
+
+@dataclass
+class CacheStats:
+    swap_out_chunks: int = 0
+    swap_in_chunks: int = 0
+    dropped_chunks: int = 0
+    reclaimed_chunks: int = 0
+    evictions_by_tier: dict = field(default_factory=lambda: {"device": 0, "host": 0})
+
+
+class KVCacheManager:
+    """Per-conversation chunk layout over two slot pools, driven by an eviction policy."""
+
+    def __init__(self, device_slots: int, host_slots: int, chunk_tokens: int, policy: EvictionPolicy,
+                 max_context: int, bytes_per_chunk: int = 0, eviction_batch: float = 0.01) -> None:
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if not 0 <= eviction_batch < 1:
+            raise ValueError(f"eviction_batch must be a fraction in [0, 1), got {eviction_batch}")
+        self.chunk_tokens = chunk_tokens
+        self.policy = policy
+        self.max_chunks = -(-max_context // chunk_tokens)
+        policy.bind(chunk_tokens, self.max_chunks)
+        self.device = SlotPool("device", device_slots)
+        self.host = SlotPool("host", host_slots if policy.uses_host_tier else 0)
+        self.bytes_per_chunk = bytes_per_chunk
+        self.trailing = policy.order == "trailing"
+        self.whole_conversation = policy.unit == "conversation"
+        self.conversations: dict[object, Conversation] = {}
+        # Idle conversations that hold at least one chunk on some tier, and those of them that
+        # still have device-only chunks: the eviction candidates of each tier. Both are ordered
+        # by release time, that is longest idle first.
+        self.idle: dict[object, Conversation] = {}
+        self.idle_device: dict[object, Conversation] = {}
+        self.active_slots = 0  # device slots pinned by active conversations
+        self.clean_count = 0  # device chunks that also have a host copy (reclaimable for free)
+        self._clean: deque[tuple[Conversation, int]] = deque()  # reclaim order = swap-out order
+        # Victims are selected in batches (one scoring pass over idle conversations yields many
+        # victims in retention order) because scoring every conversation per evicted chunk is
+        # O(conversations); a batch of 1 is exact at every eviction.
+        self._device_batch = max(1, int(eviction_batch * device_slots))
+        self._host_batch = max(1, int(eviction_batch * self.host.capacity))
+        self._device_victims: deque[tuple[Conversation, int]] = deque()
+        self._host_victims: deque[tuple[Conversation, int]] = deque()
+        # Host slots freed by this step's swap-ins stay unusable until the step ends, so a
+        # swap-out planned in the same step never overwrites data a swap-in still has to read.
+        self._host_limbo: list[int] = []
+        self.stats = CacheStats()
+        self.begin_step()
+
+    # ------------------------------------------------------------------ step boundary
+    def begin_step(self) -> None:
+        """Start recording the copies of a new step."""
+        self.swap_out_ops: list[tuple[int, int]] = []  # (device slot, host slot)
+        self.swap_in_ops: list[tuple[int, int]] = []  # (host slot, device slot)
+        self.dropped_this_step = 0
+
+    def end_step(self) -> None:
+        """The backend has carried out the step's copies: host slots read by swap-ins are free."""
+        for slot in self._host_limbo:
+            self.host.release(slot)
+        self._host_limbo.clear()
+
+    # ------------------------------------------------------------------ conversations
+    def conversation(self, conversation_id, now: float) -> Conversation:
+        conv = self.conversations.get(conversation_id)
+        if conv is None:
+            conv = self.conversations[conversation_id] = Conversation(conversation_id, now)
+        return conv
+
+    def slots_needed(self, conv: Conversation) -> int:
+        """Device slots admitting `conv` takes beyond its chunks already on the device tier."""
+        new_chunks = -(-conv.tokens // self.chunk_tokens) - conv.chunks
+        return conv.h + new_chunks
+
+    def can_acquire(self, conv: Conversation) -> bool:
+        """Whether every chunk of `conv` fits on the device tier without touching active ones."""
+        resident = conv.chunks - conv.h
+        return self.active_slots + resident + self.slots_needed(conv) <= self.device.capacity
+
+    def acquire(self, conv: Conversation, now: float) -> Restore | None:
+        """Pin `conv` on the device tier for a request: swap in, re-place dropped chunks, add new ones.
+
+        Returns None (and changes nothing) when the device tier cannot hold it.
+        """
+        assert not conv.active, conv.id
+        if not self.can_acquire(conv):
+            return None
+        ct = self.chunk_tokens
+        n, kv = conv.chunks, conv.kv_tokens
+        conv.active = True
+        self.idle.pop(conv.id, None)
+        self.idle_device.pop(conv.id, None)
+        self.active_slots += n - conv.h
+        gpu = cpu = recomputed = swapped_in = 0
+        dropped: list[int] = []
+        # Chunks on both tiers first: their device copy is used and the host copy freed, so no
+        # reclaim below can count them as clean while they are pinned.
+        for k in range(conv.h, n):
+            i = n - 1 - k if self.trailing else k
+            gpu += min(ct, kv - i * ct)
+            if k < conv.b:
+                self.host.release(conv.host[i])
+                conv.host[i] = -1
+                self.clean_count -= 1
+        for k in range(conv.h):
+            i = n - 1 - k if self.trailing else k
+            slot = self._obtain_device_slot(now)
+            assert slot >= 0, "feasibility was checked"
+            tokens = min(ct, kv - i * ct)
+            if k < conv.d:
+                dropped.append(i)
+                recomputed += tokens
+            else:
+                self.swap_in_ops.append((conv.host[i], slot))
+                self._host_limbo.append(conv.host[i])
+                conv.host[i] = -1
+                cpu += tokens
+                swapped_in += 1
+            conv.dev[i] = slot
+            self.active_slots += 1
+        conv.d = conv.h = conv.b = 0
+        while conv.chunks * ct < conv.tokens:
+            slot = self._obtain_device_slot(now)
+            assert slot >= 0, "feasibility was checked"
+            conv.dev.append(slot)
+            conv.host.append(-1)
+            self.active_slots += 1
+        self.stats.swap_in_chunks += swapped_in
+        spans = _merge_spans([(i * ct, min(ct, kv - i * ct)) for i in sorted(dropped)] + [(kv, conv.tokens - kv)])
+        return Restore(spans, gpu, cpu, recomputed, conv.tokens - kv, swapped_in)
+
+    def grow(self, conv: Conversation, now: float) -> bool:
+        """Make room for the KV of position `kv_tokens` (a decode); False when nothing can be evicted."""
+        if conv.kv_tokens < conv.chunks * self.chunk_tokens:
+            return True
+        slot = self._obtain_device_slot(now)
+        if slot < 0:
+            return False
+        conv.dev.append(slot)
+        conv.host.append(-1)
+        self.active_slots += 1
+        return True
+
+    def release(self, conv: Conversation, now: float) -> None:
+        """A request finished or was suspended: its conversation's chunks become evictable."""
+        assert conv.active, conv.id
+        conv.active = False
+        conv.last_active = now
+        self.active_slots -= conv.chunks
+        # A decode suspended in the step that allocated its next chunk leaves that chunk empty.
+        while conv.chunks * self.chunk_tokens - self.chunk_tokens >= conv.kv_tokens and conv.chunks:
+            self.device.release(conv.dev.pop())
+            conv.host.pop()
+        if not self.policy.retains_history:
+            self._drop_everything(conv, count=True)
+        elif conv.chunks:
+            self.idle[conv.id] = conv
+            self.idle_device[conv.id] = conv
+
+    def forget(self, conversation_id) -> None:
+        """A conversation that will never return: free all its chunks."""
+        conv = self.conversations.pop(conversation_id, None)
+        if conv is None:
+            return
+        assert not conv.active, conversation_id
+        self._drop_everything(conv, count=False)
+
+    # ------------------------------------------------------------------ ahead-of-time swap-out
+    def swap_out_ahead(self, now: float, threshold: float) -> None:
+        """Copy idle chunks to the host tier while fewer than `threshold` of device slots are free.
+
+        Free here counts slots whose chunk already has a host copy: reclaiming them costs nothing.
+        """
+        if not self.host.capacity:
+            return
+        short = threshold * self.device.capacity - (len(self.device.free) + self.clean_count)
+        if short <= 0:
+            return
+        want = int(short) + self._device_batch  # overshoot by a batch so this runs every few steps
+        queue = self._device_victims
+        while want > 0:
+            run = self._next_victim(queue, now, device=True)
+            if run is None:
+                return
+            conv, count = run
+            moved = self._swap_out_run(conv, min(count, want), now)
+            if moved < count and conv.b < len(conv.dev):
+                queue.appendleft((conv, conv.b, count - moved))
+            if not moved:
+                return
+            want -= moved
+
+    # ------------------------------------------------------------------ slot acquisition
+    def _obtain_device_slot(self, now: float) -> int:
+        if self.device.free:
+            return self.device.free.pop()
+        slot = self._reclaim_clean()
+        if slot >= 0:
+            return slot
+        return self._evict_device_chunk(now)
+
+    def _reclaim_clean(self) -> int:
+        """The device slot of the oldest swapped-out chunk still there, or -1."""
+        clean = self._clean
+        while clean:
+            conv, k = clean.popleft()
+            if not conv.active and conv.h == k < conv.b:
+                i = len(conv.dev) - 1 - k if self.trailing else k
+                slot = conv.dev[i]
+                conv.dev[i] = -1
+                conv.h += 1
+                self.clean_count -= 1
+                self.stats.reclaimed_chunks += 1
+                return slot
+        assert self.clean_count == 0, self.clean_count
+        return -1
+
+    def _evict_device_chunk(self, now: float) -> int:
+        """Evict one device-only chunk of an idle conversation (swap out, or drop); its slot or -1."""
+        queue = self._device_victims
+        while True:
+            run = self._next_victim(queue, now, device=True)
+            if run is None:
+                return -1
+            conv, count = run
+            if self._swap_out_run(conv, 1, now):
+                slot = self._reclaim_clean()
+            elif conv.d == conv.h == conv.b:  # nothing on the host before it: dropping keeps the run
+                slot = self._drop_device_run(conv, 1)
+            else:
+                continue
+            if conv.b < len(conv.dev) and count > 1 and not self.whole_conversation:
+                queue.appendleft((conv, conv.b, count - 1))
+            return slot
+
+    def _swap_out_run(self, conv: Conversation, count: int, now: float) -> int:
+        """Copy up to `count` of the conversation's next device-only chunks to the host (a
+        whole-conversation policy: all of them); the device copies stay until reclaimed."""
+        n = len(conv.dev)
+        if self.whole_conversation:
+            count = n - conv.b
+        count = min(count, self._host_room(count, now, exclude=conv))
+        if count <= 0:
+            return 0
+        free, ops, clean = self.host.free, self.swap_out_ops, self._clean
+        dev, host, trailing = conv.dev, conv.host, self.trailing
+        for k in range(conv.b, conv.b + count):
+            i = n - 1 - k if trailing else k
+            slot = free.pop()
+            ops.append((dev[i], slot))
+            host[i] = slot
+            clean.append((conv, k))
+        conv.b += count
+        if conv.b == n:
+            del self.idle_device[conv.id]
+        self.clean_count += count
+        self.stats.swap_out_chunks += count
+        self.stats.evictions_by_tier["device"] += count
+        if len(clean) > 4 * self.clean_count + 1024:  # stale entries of restored conversations
+            self._clean = deque(e for e in clean if not e[0].active and e[0].h <= e[1] < e[0].b)
+        return count
+
+    def _host_room(self, count: int, now: float, exclude: Conversation) -> int:
+        """Free up to `count` host slots by dropping host-only chunks by policy; how many are free."""
+        free = self.host.free
+        queue = self._host_victims
+        while len(free) < count and self.host.capacity:
+            run = self._next_victim(queue, now, device=False)
+            if run is None:
+                break
+            conv, n_run = run
+            if self.whole_conversation:
+                # A conversation moves as one: dropping its own host chunks to make room for
+                # the rest of it would only trade one part for another.
+                if conv is exclude:
+                    break
+                self._drop_host_run(conv, n_run)
+            else:
+                drop = min(n_run, count - len(free))
+                self._drop_host_run(conv, drop)
+                if drop < n_run:
+                    queue.appendleft((conv, conv.d, n_run - drop))
+        return min(count, len(free))
+
+    # ------------------------------------------------------------------ layout moves
+    def _drop_host_run(self, conv: Conversation, count: int) -> None:
+        n, host, free = len(conv.dev), conv.host, self.host.free
+        for k in range(conv.d, conv.d + count):
+            i = n - 1 - k if self.trailing else k
+            free.append(host[i])
+            host[i] = -1
+        conv.d += count
+        self._count_drops(conv, "host", count)
+
+    def _drop_device_run(self, conv: Conversation, count: int) -> int:
+        """Drop the next `count` device-only chunks (a whole-conversation policy: all); one freed slot."""
+        n = len(conv.dev)
+        if self.whole_conversation:
+            count = n - conv.b
+        slot = -1
+        for k in range(conv.b, conv.b + count):
+            i = n - 1 - k if self.trailing else k
+            if slot >= 0:
+                self.device.release(slot)
+            slot = conv.dev[i]
+            conv.dev[i] = -1
+        conv.b += count
+        conv.d = conv.h = conv.b
+        if conv.b == n:
+            del self.idle_device[conv.id]
+        self._count_drops(conv, "device", count)
+        return slot
+
+    def _drop_everything(self, conv: Conversation, count: bool) -> None:
+        """Free every chunk of a conversation on both tiers (`count`: as evictions, in the stats)."""
+        for i in range(conv.chunks):
+            dev, host = conv.dev[i], conv.host[i]
+            if dev >= 0:
+                self.device.release(dev)
+            if host >= 0:
+                self.host.release(host)
+            if dev >= 0 and host >= 0:
+                self.clean_count -= 1
+            if count and (dev >= 0 or host >= 0):
+                self.stats.dropped_chunks += 1
+                self.dropped_this_step += 1
+            conv.dev[i] = conv.host[i] = -1
+        conv.d = conv.h = conv.b = conv.chunks
+        self.idle.pop(conv.id, None)
+        self.idle_device.pop(conv.id, None)
+
+    def _count_drops(self, conv: Conversation, tier: str, count: int) -> None:
+        self.stats.dropped_chunks += count
+        self.stats.evictions_by_tier[tier] += count
+        self.dropped_this_step += count
+        if conv.d == conv.chunks:
+            self.idle.pop(conv.id, None)
+
+    # ------------------------------------------------------------------ victim selection
+    def _next_victim(self, queue: deque, now: float, device: bool) -> tuple[Conversation, int] | None:
+        """The next run of victim chunks on a tier, (conversation, count), refilling when empty.
+
+        Queued runs are checked against the layout now, since conversations may have become
+        active or lost chunks since the batch was scored.
+        """
+        for attempt in range(2):
+            while queue:
+                conv, k, count = queue.popleft()
+                if conv.active:
+                    continue
+                if device:
+                    if conv.b != k:
+                        continue
+                    count = min(count, len(conv.dev) - k)
+                else:
+                    if conv.d != k:
+                        continue
+                    count = min(count, conv.h - k)
+                if count > 0:
+                    return conv, count
+            if attempt == 0 and not self._refill(queue, now, device):
+                return None
+        return None
+
+    def _refill(self, queue: deque, now: float, device: bool) -> bool:
+        """Queue a batch of victim runs on a tier in retention order; False when there are none.
+
+        The k lowest-scoring chunks lie in the k conversations whose next chunk scores lowest
+        (a conversation's later chunks never score below its next one: cost grows with
+        context), so one pass keeps the best k heads, then a small heap expands them into runs
+        of consecutive chunks. The candidates are ordered longest-idle first, which lets the
+        policy's score floor end the pass early.
+        """
+        policy = self.policy
+        score, floor = policy.score, policy.score_floor
+        trailing = self.trailing
+        budget = self._device_batch if device else self._host_batch
+        best: list = []  # max-heap of the best `budget` heads: (-score, -order, k, end, idle_s, conv)
+        for order, conv in enumerate((self.idle_device if device else self.idle).values()):
+            k, end = (conv.b, len(conv.dev)) if device else (conv.d, conv.h)
+            if k >= end:
+                continue
+            idle_s = now - conv.last_active
+            if len(best) == budget:
+                if floor(idle_s) >= -best[0][0]:
+                    break
+                value = score(len(conv.dev) - 1 - k if trailing else k, idle_s)
+                if (value, order) < (-best[0][0], -best[0][1]):
+                    heapq.heapreplace(best, (-value, -order, k, end, idle_s, conv))
+            else:
+                value = score(len(conv.dev) - 1 - k if trailing else k, idle_s)
+                heapq.heappush(best, (-value, -order, k, end, idle_s, conv))
+        if not best:
+            return False
+        heap = [(-neg_value, -neg_order, k, end, idle_s, conv) for neg_value, neg_order, k, end, idle_s, conv in best]
+        heapq.heapify(heap)
+        whole = self.whole_conversation
+        while heap and budget > 0:
+            _, order, k, end, idle_s, conv = heapq.heappop(heap)
+            run_end = k + 1
+            if whole:
+                run_end = end
+            else:  # extend the run while this conversation's next chunk still beats every other head
+                n = len(conv.dev)
+                while run_end < end and run_end - k < budget:
+                    value = score(n - 1 - run_end if trailing else run_end, idle_s)
+                    if heap and (value, order) > (heap[0][0], heap[0][1]):
+                        heapq.heappush(heap, (value, order, run_end, end, idle_s, conv))
+                        break
+                    run_end += 1
+            queue.append((conv, k, run_end - k))
+            budget -= run_end - k
+        return True
+
+    # ------------------------------------------------------------------ checks
+    def check_invariants(self) -> None:
+        """Recount everything from scratch; raises AssertionError on any inconsistency (tests)."""
+        ct = self.chunk_tokens
+        dev_seen: set[int] = set()
+        host_seen: set[int] = set()
+        clean = active = 0
+        for conv in self.conversations.values():
+            n = conv.chunks
+            assert len(conv.host) == n
+            assert 0 <= conv.d <= conv.h <= conv.b <= n, (conv.id, conv.d, conv.h, conv.b, n)
+            assert conv.kv_tokens <= conv.tokens
+            # every computed token is covered by a chunk: on a tier, or dropped (never lost)
+            assert n == -(-conv.kv_tokens // ct) or (conv.active and n * ct >= conv.kv_tokens), conv.id
+            for k in range(n):
+                i = n - 1 - k if self.trailing else k
+                on_dev, on_host = conv.dev[i] >= 0, conv.host[i] >= 0
+                expected = (False, False) if k < conv.d else (False, True) if k < conv.h else \
+                    (True, True) if k < conv.b else (True, False)
+                assert (on_dev, on_host) == expected, (conv.id, k, on_dev, on_host, conv.d, conv.h, conv.b)
+                if on_dev:
+                    assert conv.dev[i] not in dev_seen, "device slot used twice"
+                    dev_seen.add(conv.dev[i])
+                if on_host:
+                    assert conv.host[i] not in host_seen, "host slot used twice"
+                    host_seen.add(conv.host[i])
+                clean += on_dev and on_host
+            if conv.active:
+                assert conv.d == conv.h == conv.b == 0, "an active conversation is entirely on the device"
+                active += n
+            else:
+                assert (conv.id in self.idle) == (conv.d < n), conv.id
+                assert (conv.id in self.idle_device) == (conv.b < n), conv.id
+        assert clean == self.clean_count, (clean, self.clean_count)
+        assert active == self.active_slots, (active, self.active_slots)
+        assert len(dev_seen) + len(self.device.free) == self.device.capacity, "device tier over capacity"
+        assert not dev_seen & set(self.device.free)
+        limbo = set(self._host_limbo)
+        assert len(host_seen) + len(self.host.free) + len(limbo) == self.host.capacity, "host tier over capacity"
+        assert not host_seen & (set(self.host.free) | limbo)
+
+
+def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, length in spans:
+        if length <= 0:
+            continue
+        if merged and merged[-1][0] + merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], merged[-1][1] + length)
+        else:
+            merged.append((start, length))
+    return merged

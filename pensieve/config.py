@@ -1,0 +1,165 @@
+"""The scenario schema: YAML in, validated settings out, with errors that name file, key and what is allowed.
+
+Unknown keys are errors (a misspelt key silently ignored would run the wrong experiment).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .models import ARCHITECTURES, DEFAULT_MODEL, DTYPE_BYTES, PRESETS, ModelSpec
+from .policies import policy_class
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message names the file, the key path and the fix."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelDims(_Strict):
+    """A model given by its dimensions (for architectures without a preset)."""
+
+    name: str
+    architecture: Literal[ARCHITECTURES]  # type: ignore[valid-type]
+    layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    max_context: int = Field(gt=0)
+    dtype: Literal[tuple(DTYPE_BYTES)] = "float32"  # type: ignore[valid-type]
+
+
+class PolicyConfig(_Strict):
+    """`policy: pensieve` or `policy: {type: my_pkg.policies:MyPolicy, params: {...}}`."""
+
+    type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        policy_class(value)  # raises with the allowed names
+        return value
+
+
+class CacheConfig(_Strict):
+    device_gb: float = Field(gt=0, description="device (GPU) tier size in GB (10^9 bytes)")
+    host_gb: float = Field(default=0.0, ge=0, description="host (CPU) tier size in GB")
+    chunk_tokens: int = Field(default=32, ge=1, le=4096)
+    eviction_batch: float = Field(
+        default=0.01, ge=0, lt=1, description="fraction of a tier's slots selected per eviction scoring pass"
+    )
+    policy: PolicyConfig = PolicyConfig(type="pensieve")
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy_by_name(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+
+class LinearCostConfig(_Strict):
+    """Cost(l) = a * l + c seconds per chunk (until a measured profile is given)."""
+
+    type: Literal["linear"] = "linear"
+    a: float = Field(default=2e-7, ge=0)
+    c: float = Field(default=1e-3, gt=0)
+
+
+class SchedulerConfig(_Strict):
+    max_batch_tokens: int = Field(default=2048, ge=1)
+    max_batch_requests: int = Field(default=256, ge=1)
+    decode_reserve: float = Field(default=0.10, ge=0, lt=1)
+    swap_out_threshold: float = Field(default=0.25, ge=0, lt=1)
+
+
+class Scenario(_Strict):
+    name: str = "scenario"
+    seed: int = 0
+    model: ModelDims = Field(default_factory=lambda: ModelDims(**PRESETS[DEFAULT_MODEL].to_dict()))
+    cache: CacheConfig
+    cost_model: LinearCostConfig = LinearCostConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_by_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            key = value.removeprefix("random:").lower()
+            if key not in PRESETS:
+                raise ValueError(f"unknown model {value!r}; known presets: {', '.join(sorted(PRESETS))} "
+                                 "(or give the model's dimensions as a mapping)")
+            return PRESETS[key].to_dict()
+        return value
+
+    @model_validator(mode="after")
+    def _fits(self) -> "Scenario":
+        if self.cache.chunk_tokens > self.model.max_context:
+            raise ValueError(f"cache.chunk_tokens {self.cache.chunk_tokens} exceeds the model's context")
+        return self
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(**self.model.model_dump())
+
+
+def _format_location(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if not (isinstance(part, str) and part.startswith("function-")))
+
+
+def parse_scenario(data: Any, source: str = "<scenario>") -> Scenario:
+    """Validate a scenario mapping; the first problem is raised as a ScenarioError."""
+    if not isinstance(data, dict):
+        raise ScenarioError(source, "", f"a scenario is a mapping of keys, got {type(data).__name__}")
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _format_location(err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent = err["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            problem = f"unknown key; allowed here: {', '.join(allowed)}"
+        elif kind == "missing":
+            problem = "is required"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            problem = f"{message} (got {err.get('input')!r})"
+        raise ScenarioError(source, key, problem) from None
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Scenario
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ScenarioError(str(path), "", f"cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ScenarioError(str(path), "", f"is not valid YAML: {exc}") from None
+    return parse_scenario(data, str(path))

@@ -1,0 +1,35 @@
+"""Cost models: what recomputing a chunk costs (the retention value's Cost(l)) and step times.
+
+The interface is small so that a profile-backed model (measured tables, interpolated) plugs in
+beside the linear one without the policies or the scheduler knowing which they use.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class CostModel(ABC):
+    """Seconds of device time for pieces of work."""
+
+    @abstractmethod
+    def chunk_recompute_s(self, context_tokens: int, chunk_tokens: int) -> float:
+        """Cost(l): recomputing one chunk of `chunk_tokens` whose context (tokens before it) is l."""
+
+
+class LinearCostModel(CostModel):
+    """Cost(l) = a * l + c per chunk.
+
+    The paper profiles Cost(l) = Cost_attention(l) + c and notes that attention cost grows
+    linearly with context (§4.3.1), so a line is the model's shape until a profile replaces it.
+    Defaults (a = 2e-7 s per context token, c = 1e-3 s) are of the order of a 13B model on an
+    A100; only their ratio affects eviction order, which is what matters before profiles exist.
+    """
+
+    def __init__(self, a: float = 2e-7, c: float = 1e-3) -> None:
+        if a < 0 or c <= 0:
+            raise ValueError(f"linear cost model: need a >= 0 and c > 0, got a={a}, c={c}")
+        self.a = a
+        self.c = c
+
+    def chunk_recompute_s(self, context_tokens: int, chunk_tokens: int) -> float:
+        return self.a * context_tokens + self.c

@@ -1,0 +1,151 @@
+"""Eviction policies: a registry of classes chosen by name, or a user class by import path.
+
+A policy decides *which* idle conversation gives up a chunk next; the cache manager owns
+*how* chunks move. Each policy fixes three traits the manager relies on:
+- `order`: "leading" evicts a conversation's earliest chunks first (dropped tokens are then
+  a leading run, recomputed before the new prompt), "trailing" its latest chunks first
+  (only a kept prefix is reused);
+- `unit`: "chunk" moves one chunk at a time, "conversation" moves all of a conversation's
+  chunks on a tier together;
+- `uses_host_tier` and `retains_history`.
+Lower scores are evicted first.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .cost import CostModel, LinearCostModel
+
+# An idle time of zero (a conversation that finished this very step) would make Cost/T
+# infinite; the floor keeps scores finite and ordered by cost among equally fresh chunks.
+MIN_IDLE_S = 1e-6
+
+
+class EvictionPolicy:
+    """Base class. Subclasses set the traits and override `score`."""
+
+    name = "base"
+    order = "leading"
+    unit = "chunk"
+    uses_host_tier = True
+    retains_history = True
+
+    def __init__(self, cost_model: CostModel | None = None) -> None:
+        self.cost_model = cost_model or LinearCostModel()
+        self._chunk_cost: list[float] = []
+
+    def bind(self, chunk_tokens: int, max_chunks: int) -> None:
+        """Tabulate Cost(l) per chunk index once, so scoring is a list lookup in the hot path."""
+        self._chunk_cost = [
+            self.cost_model.chunk_recompute_s(i * chunk_tokens, chunk_tokens) for i in range(max_chunks + 1)
+        ]
+        self._min_cost = min(self._chunk_cost)
+
+    def chunk_cost(self, chunk_index: int) -> float:
+        return self._chunk_cost[chunk_index]
+
+    def score(self, chunk_index: int, idle_s: float) -> float:
+        """Retention value of a conversation's chunk at `chunk_index`, idle for `idle_s` seconds."""
+        raise NotImplementedError
+
+    def score_floor(self, idle_s: float) -> float:
+        """A lower bound on `score(i, t)` for every chunk i and every t <= idle_s.
+
+        The manager scans idle conversations from the longest idle down and stops once this
+        bound cannot beat the victims it already holds; -inf (the default) scans them all.
+        """
+        return float("-inf")
+
+
+class PensievePolicy(EvictionPolicy):
+    """Retention value V = Cost(l) / T (§4.3.1): idle conversations and cheap leading chunks go first."""
+
+    name = "pensieve"
+
+    def score(self, chunk_index: int, idle_s: float) -> float:
+        return self._chunk_cost[chunk_index] / max(idle_s, MIN_IDLE_S)
+
+    def score_floor(self, idle_s: float) -> float:
+        return self._min_cost / max(idle_s, MIN_IDLE_S)
+
+
+class PensieveGpuPolicy(PensievePolicy):
+    """Pensieve's policy with no host tier: evicted chunks are dropped (the paper's "GPU cache")."""
+
+    name = "pensieve-gpu"
+    uses_host_tier = False
+
+
+class LruPolicy(EvictionPolicy):
+    """Chunk-level LRU by conversation idle time, two tiers; leading chunks first within a conversation.
+
+    Leading-first keeps dropped tokens recomputable as one leading span, so this differs from
+    `pensieve` only in ignoring recomputation cost: the ablation of §6.6.
+    """
+
+    name = "lru"
+
+    def score(self, chunk_index: int, idle_s: float) -> float:
+        return -idle_s
+
+    def score_floor(self, idle_s: float) -> float:
+        return -idle_s
+
+
+class ConversationLruPolicy(LruPolicy):
+    """Whole conversations move and drop together, oldest first (CachedAttention-like)."""
+
+    name = "conversation-lru"
+    unit = "conversation"
+
+
+class TrailingLruPolicy(LruPolicy):
+    """LRU that evicts from the end of a conversation; only a kept prefix is reused.
+
+    This is what vLLM's prefix caching and SGLang's radix cache do: a lost block makes every
+    later block unreachable, so they evict trailing blocks first.
+    """
+
+    name = "trailing-lru"
+    order = "trailing"
+
+
+class StatelessPolicy(EvictionPolicy):
+    """No reuse: a finished turn's KV is freed and the next turn recomputes the whole history."""
+
+    name = "stateless"
+    uses_host_tier = False
+    retains_history = False
+
+    def score(self, chunk_index: int, idle_s: float) -> float:
+        return -idle_s
+
+
+REGISTRY: dict[str, type[EvictionPolicy]] = {
+    cls.name: cls
+    for cls in (PensievePolicy, PensieveGpuPolicy, LruPolicy, ConversationLruPolicy, TrailingLruPolicy, StatelessPolicy)
+}
+
+
+def policy_class(name: str) -> type[EvictionPolicy]:
+    """A registered policy by name, or a user class given as `package.module:ClassName`."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" not in name:
+        raise ValueError(
+            f"unknown policy {name!r}; allowed: {', '.join(REGISTRY)} or an import path 'package.module:Class'"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"policy {name!r} cannot be imported: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):
+        raise ValueError(f"policy {name!r} is not a subclass of pensieve.policies.EvictionPolicy")
+    if cls.order not in ("leading", "trailing") or cls.unit not in ("chunk", "conversation"):
+        raise ValueError(f"policy {name!r}: order must be leading|trailing and unit chunk|conversation")
+    return cls
+
+
+def make_policy(name: str, cost_model: CostModel | None = None) -> EvictionPolicy:
+    return policy_class(name)(cost_model)

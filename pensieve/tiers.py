@@ -1,0 +1,34 @@
+"""A tier of KV memory as a fixed number of chunk slots."""
+from __future__ import annotations
+
+
+class SlotPool:
+    """Owns the free slots of one tier; reuse is last-freed-first so replays are deterministic."""
+
+    __slots__ = ("name", "capacity", "free")
+
+    def __init__(self, name: str, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"{name} tier: capacity must be >= 0 slots, got {capacity}")
+        self.name = name
+        self.capacity = capacity
+        self.free: list[int] = list(range(capacity - 1, -1, -1))  # pop() yields slot 0 first
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self.free)
+
+    def allocate(self) -> int:
+        """A free slot, or -1 when the tier is full."""
+        return self.free.pop() if self.free else -1
+
+    def release(self, slot: int) -> None:
+        assert 0 <= slot < self.capacity, (self.name, slot)
+        self.free.append(slot)
+
+
+def slots_for(gigabytes: float, bytes_per_chunk: int) -> int:
+    """Chunk slots that fit in `gigabytes` (10^9 bytes)."""
+    if gigabytes < 0:
+        raise ValueError(f"cache size must be >= 0 GB, got {gigabytes}")
+    return int(gigabytes * 1e9 // bytes_per_chunk)
