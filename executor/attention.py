@@ -66,10 +66,13 @@ class PagedAttentionMetadata:
         for seq in seqs:
             q_len = len(seq.positions)
             kv_len = seq.positions[-1] + 1 if q_len else 0
-            if q_len == 0 or q_len != len(seq.token_ids) or kv_len > seq.context_len or kv_len > len(seq.block_table) * chunk:
+            covered = min(seq.context_len, len(seq.block_table) * chunk)
+            in_range = all(0 <= slot < store.device_slots for slot in seq.block_table)
+            if q_len == 0 or q_len != len(seq.token_ids) or kv_len > covered or not in_range:
                 raise ValueError(
                     f"inconsistent sequence: {len(seq.token_ids)} tokens, {q_len} positions up to {kv_len - 1}, "
-                    f"context_len {seq.context_len}, {len(seq.block_table)} blocks of {chunk}"
+                    f"context_len {seq.context_len}, block table {seq.block_table} of {chunk}-token chunks "
+                    f"over {store.device_slots} device slots"
                 )
             table = torch.tensor(seq.block_table, dtype=torch.long)
             positions = torch.tensor(seq.positions, dtype=torch.long)  # [q_len]
@@ -100,6 +103,7 @@ class PagedAttentionMetadata:
 
 
 def _build_decodes(decodes: list[tuple[int, torch.Tensor, int]], chunk: int, device: torch.device) -> _Decodes:
+    """Pad the (query index, block table, context length) of single-token queries into one batch."""
     max_kv = max(kv_len for _, _, kv_len in decodes)
     max_chunks = (max_kv + chunk - 1) // chunk
     tables = torch.zeros(len(decodes), max_chunks, dtype=torch.long)  # [n, max_chunks], padded with slot 0

@@ -26,8 +26,9 @@ class PagedKVStore:
     `device_pool`: [layers, device_slots, 2, chunk_tokens, kv_heads, head_dim] (index 0 of dim 2 is K, 1 is V),
     `host_pool`:   [layers, host_slots,   2, chunk_tokens, kv_heads, head_dim], pinned on CUDA.
     On CUDA, copies run on a separate stream and record one event per layer; the attention of a
-    layer calls `wait_layer` so it starts only when that layer's copies are done. On CPU a copy is
-    a plain copy and `wait_layer` does nothing.
+    layer calls `wait_layer` so it starts only when that layer's copies are done. Anything else
+    that touches slots involved in a copy must call `synchronize` first. On CPU a copy is a plain
+    copy and `wait_layer` does nothing.
     """
 
     def __init__(
@@ -48,7 +49,7 @@ class PagedKVStore:
         self.device_slots, self.host_slots = device_slots, host_slots
         on_cuda = self.device.type == "cuda"
         chunk_shape = (2, chunk_tokens, kv_heads, head_dim)
-        # Zero-filled: a padded gather may touch slots never written, and masked-out NaNs would still poison softmax @ V.
+        # Zero-filled: a padded gather may read slots never written, and a masked-out NaN still poisons softmax @ V.
         self.device_pool = torch.zeros((layers, device_slots, *chunk_shape), dtype=dtype, device=self.device)
         self.host_pool = torch.zeros((layers, host_slots, *chunk_shape), dtype=dtype, pin_memory=on_cuda)
         self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
@@ -66,7 +67,7 @@ class PagedKVStore:
 
     @property
     def bytes_per_chunk(self) -> int:
-        """Bytes one chunk slot holds across all layers, K and V: 2 x layers x chunk x kv_heads x head_dim x itemsize."""
+        """Bytes of one chunk slot, K and V of all layers: 2 x layers x chunk x kv_heads x head_dim x itemsize."""
         return 2 * self.layers * self.chunk_tokens * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     def swap_out(self, pairs: Sequence[tuple[int, int]]) -> None:

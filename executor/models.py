@@ -170,7 +170,8 @@ def preset_config(name: str) -> Any:
 
 def preset_dims(name: str, dtype: str = "float16") -> dict[str, Any]:
     """Dimensions of a random preset without building it (big presets are for profiling and simulation)."""
-    return model_dims(preset_config(name), RANDOM_PREFIX + name.removeprefix(RANDOM_PREFIX), resolve_dtype(dtype, torch.device("cpu")))
+    name = RANDOM_PREFIX + name.removeprefix(RANDOM_PREFIX)
+    return model_dims(preset_config(name), name, resolve_dtype(dtype, torch.device("cpu")))
 
 
 def _check_architecture(config: Any, name: str) -> None:
@@ -202,8 +203,9 @@ def _load_random(name: str, device: torch.device, dtype: torch.dtype, seed: int)
     from transformers import AutoModelForCausalLM
 
     config = preset_config(name)
-    torch.manual_seed(seed)
-    with device:
+    cuda_devices = [device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), device:  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model, None
 
@@ -238,8 +240,9 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
 def load_model(name: str | None, device: str = "cpu", dtype: str | None = None, seed: int = 0) -> LoadedModel:
     """Load a model for the executor.
 
-    `name`: None (built-in SmolLM2-135M-Instruct GGUF, offline), 'random:<preset>' (seeded random
-    weights, no tokenizer), a path to a .gguf file, a local folder or a hub name.
+    `name`: None (built-in SmolLM2-135M-Instruct GGUF, offline), 'random:<preset>' (random weights
+    from `seed`, no tokenizer), a path to a .gguf file, a local folder or a hub name. `dtype`:
+    float32 / float16 / bfloat16, by default fp32 on CPU and fp16 on CUDA.
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

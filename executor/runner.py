@@ -34,7 +34,7 @@ class ModelRunner:
         expected = (dims["layers"], dims["kv_heads"], dims["head_dim"], loaded.torch_dtype, loaded.device)
         actual = (store.layers, store.kv_heads, store.head_dim, store.dtype, store.device)
         if expected != actual:
-            raise ValueError(f"store (layers, kv_heads, head_dim, dtype, device) {actual} does not fit model {expected}")
+            raise ValueError(f"store (layers, kv_heads, head_dim, dtype, device) {actual} does not fit {expected}")
         self.model = loaded.model
         self.store = store
         self.device = loaded.device

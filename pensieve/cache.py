@@ -213,17 +213,48 @@ class KVCacheManager:
             return
         want = int(short) + self._device_batch  # overshoot by a batch so this runs every few steps
         queue = self._device_victims
+        if self.whole_conversation:
+            while want > 0:
+                run = self._next_victim(queue, now, device=True)
+                if run is None:
+                    return
+                moved = self._swap_out_run(run[0], run[1], now)
+                if not moved:
+                    return
+                want -= moved
+            return
+        # Chunk-level policies: the common case, kept free of per-chunk calls. Host room is made
+        # a few dozen chunks at a time so a shortage of device victims drops little for nothing.
+        free = self.host.free
+        ops, clean, trailing = self.swap_out_ops, self._clean, self.trailing
+        moved_total = 0
         while want > 0:
-            run = self._next_victim(queue, now, device=True)
-            if run is None:
-                return
-            conv, count = run
-            moved = self._swap_out_run(conv, min(count, want), now)
-            if moved < count and conv.b < len(conv.dev):
-                queue.appendleft((conv, conv.b, count - moved))
-            if not moved:
-                return
-            want -= moved
+            if not free and not self._host_room(min(want, 64), now, exclude=None):
+                break
+            if not queue and not self._refill(queue, now, device=True):
+                break
+            conv, k, count = queue.popleft()
+            if conv.active or conv.b != k:  # stale: restored, or evicted since it was scored
+                continue
+            dev, host, n = conv.dev, conv.host, len(conv.dev)
+            take = min(count, n - k, want, len(free))
+            for k in range(k, k + take):
+                i = n - 1 - k if trailing else k
+                slot = free.pop()
+                ops.append((dev[i], slot))
+                host[i] = slot
+                clean.append((conv, k))
+            conv.b += take
+            if conv.b == n:
+                del self.idle_device[conv.id]
+            elif take < count:
+                queue.appendleft((conv, conv.b, count - take))
+            want -= take
+            moved_total += take
+        self.clean_count += moved_total
+        self.stats.swap_out_chunks += moved_total
+        self.stats.evictions_by_tier["device"] += moved_total
+        self._compact_clean()
 
     # ------------------------------------------------------------------ slot acquisition
     def _obtain_device_slot(self, now: float) -> int:
@@ -260,10 +291,14 @@ class KVCacheManager:
             conv, count = run
             if self._swap_out_run(conv, 1, now):
                 slot = self._reclaim_clean()
-            elif conv.d == conv.h == conv.b:  # nothing on the host before it: dropping keeps the run
-                slot = self._drop_device_run(conv, 1)
             else:
-                continue
+                # No host room for it: drop it. Its host-only chunks come earlier in eviction
+                # order, so they are dropped first and the dropped chunks stay one run.
+                # (No chunk is on both tiers here: the clean queue was empty.)
+                assert conv.h == conv.b, "reclaim runs before eviction"
+                if conv.d < conv.h:
+                    self._drop_host_run(conv, conv.h - conv.d)
+                slot = self._drop_device_run(conv, 1)
             if conv.b < len(conv.dev) and count > 1 and not self.whole_conversation:
                 queue.appendleft((conv, conv.b, count - 1))
             return slot
@@ -291,19 +326,29 @@ class KVCacheManager:
         self.clean_count += count
         self.stats.swap_out_chunks += count
         self.stats.evictions_by_tier["device"] += count
-        if len(clean) > 4 * self.clean_count + 1024:  # stale entries of restored conversations
-            self._clean = deque(e for e in clean if not e[0].active and e[0].h <= e[1] < e[0].b)
+        self._compact_clean()
         return count
 
-    def _host_room(self, count: int, now: float, exclude: Conversation) -> int:
+    def _compact_clean(self) -> None:
+        """Drop reclaim entries of conversations restored since they were queued, now and then."""
+        if len(self._clean) > 4 * self.clean_count + 1024:
+            self._clean = deque(e for e in self._clean if not e[0].active and e[0].h <= e[1] < e[0].b)
+
+    def _host_room(self, count: int, now: float, exclude: Conversation | None) -> int:
         """Free up to `count` host slots by dropping host-only chunks by policy; how many are free."""
         free = self.host.free
         queue = self._host_victims
-        while len(free) < count and self.host.capacity:
-            run = self._next_victim(queue, now, device=False)
-            if run is None:
+        if not self.host.capacity:
+            return 0
+        while len(free) < count:
+            if not queue and not self._refill(queue, now, device=False):
                 break
-            conv, n_run = run
+            conv, k, n_run = queue.popleft()
+            if conv.active or conv.d != k:  # stale: restored, or dropped since it was scored
+                continue
+            n_run = min(n_run, conv.h - k)
+            if n_run <= 0:
+                continue
             if self.whole_conversation:
                 # A conversation moves as one: dropping its own host chunks to make room for
                 # the rest of it would only trade one part for another.
@@ -398,53 +443,53 @@ class KVCacheManager:
         return None
 
     def _refill(self, queue: deque, now: float, device: bool) -> bool:
-        """Queue a batch of victim runs on a tier in retention order; False when there are none.
+        """Queue the tier's `batch` lowest-scoring chunks as runs, in retention order; False if none.
 
-        The k lowest-scoring chunks lie in the k conversations whose next chunk scores lowest
-        (a conversation's later chunks never score below its next one: cost grows with
-        context), so one pass keeps the best k heads, then a small heap expands them into runs
-        of consecutive chunks. The candidates are ordered longest-idle first, which lets the
-        policy's score floor end the pass early.
+        Candidates are visited longest-idle first and each conversation's chunks in eviction
+        order, whose scores never decrease (cost grows with context), so a conversation stops
+        contributing at its first chunk that cannot enter the batch, and the whole pass stops
+        once the policy's score floor for the remaining (younger) conversations cannot either.
         """
         policy = self.policy
         score, floor = policy.score, policy.score_floor
-        trailing = self.trailing
+        trailing, whole = self.trailing, self.whole_conversation
         budget = self._device_batch if device else self._host_batch
-        best: list = []  # max-heap of the best `budget` heads: (-score, -order, k, end, idle_s, conv)
+        best: list = []  # max-heap of the best chunks (or whole runs): (-score, -order, -k, count, conv)
+        held = 0  # chunks in `best`
         for order, conv in enumerate((self.idle_device if device else self.idle).values()):
             k, end = (conv.b, len(conv.dev)) if device else (conv.d, conv.h)
             if k >= end:
                 continue
             idle_s = now - conv.last_active
-            if len(best) == budget:
-                if floor(idle_s) >= -best[0][0]:
+            n = len(conv.dev)
+            if held >= budget and floor(idle_s) >= -best[0][0]:
+                break
+            if whole:  # one entry for the conversation's whole run on this tier
+                value = score(n - 1 - k if trailing else k, idle_s)
+                heapq.heappush(best, (-value, -order, -k, end - k, conv))
+                held += end - k
+                while held - best[0][3] >= budget:
+                    held -= heapq.heappop(best)[3]
+                continue
+            for j in range(k, end):
+                value = score(n - 1 - j if trailing else j, idle_s)
+                if held < budget:
+                    heapq.heappush(best, (-value, -order, -j, 1, conv))
+                    held += 1
+                elif (value, order, j) < (-best[0][0], -best[0][1], -best[0][2]):
+                    heapq.heapreplace(best, (-value, -order, -j, 1, conv))
+                else:
                     break
-                value = score(len(conv.dev) - 1 - k if trailing else k, idle_s)
-                if (value, order) < (-best[0][0], -best[0][1]):
-                    heapq.heapreplace(best, (-value, -order, k, end, idle_s, conv))
-            else:
-                value = score(len(conv.dev) - 1 - k if trailing else k, idle_s)
-                heapq.heappush(best, (-value, -order, k, end, idle_s, conv))
         if not best:
             return False
-        heap = [(-neg_value, -neg_order, k, end, idle_s, conv) for neg_value, neg_order, k, end, idle_s, conv in best]
-        heapq.heapify(heap)
-        whole = self.whole_conversation
-        while heap and budget > 0:
-            _, order, k, end, idle_s, conv = heapq.heappop(heap)
-            run_end = k + 1
-            if whole:
-                run_end = end
-            else:  # extend the run while this conversation's next chunk still beats every other head
-                n = len(conv.dev)
-                while run_end < end and run_end - k < budget:
-                    value = score(n - 1 - run_end if trailing else run_end, idle_s)
-                    if heap and (value, order) > (heap[0][0], heap[0][1]):
-                        heapq.heappush(heap, (value, order, run_end, end, idle_s, conv))
-                        break
-                    run_end += 1
-            queue.append((conv, k, run_end - k))
-            budget -= run_end - k
+        best.sort(reverse=True)  # ascending (score, order, k)
+        for _, _, neg_k, count, conv in best:
+            k = -neg_k
+            last = queue[-1] if queue else None
+            if last is not None and last[0] is conv and last[1] + last[2] == k:
+                queue[-1] = (conv, last[1], last[2] + count)  # extend the run
+            else:
+                queue.append((conv, k, count))
         return True
 
     # ------------------------------------------------------------------ checks

@@ -8,7 +8,8 @@ A policy decides *which* idle conversation gives up a chunk next; the cache mana
 - `unit`: "chunk" moves one chunk at a time, "conversation" moves all of a conversation's
   chunks on a tier together;
 - `uses_host_tier` and `retains_history`.
-Lower scores are evicted first.
+Lower scores are evicted first, and a conversation's chunks must score in nondecreasing
+order along the policy's eviction order (the manager relies on it to select victims quickly).
 """
 from __future__ import annotations
 

@@ -1,0 +1,160 @@
+"""Exact eviction order of every policy on tiny caches (4-token chunks, Cost(l) = l + 1)."""
+import pytest
+
+from .helpers import Driver, make_core
+
+
+def two_idle_conversations(policy: str, device: int = 8, host: int = 8):
+    """A (3 chunks, idle since ~0) and B (2 chunks, idle since ~2) on an 8-slot device tier."""
+    d = Driver(make_core(policy, device, host))
+    d.add("A", 0, 0.0, 11, 1)  # 11 computed tokens: chunks of 4, 4, 3
+    d.run(0.0)
+    d.add("B", 0, 2.0, 7, 1)
+    d.run(2.0)
+    return d
+
+
+def layout(d, conv):
+    c = d.sched.cache.conversations[conv]
+    return (c.d, c.h, c.b, c.chunks)
+
+
+def test_pensieve_evicts_by_cost_over_idle_time_leading_chunks_first():
+    d = two_idle_conversations("pensieve")
+    cache = d.sched.cache
+    a_first_slot = cache.conversations["A"].dev[0]
+    d.add("C", 0, 10.0, 16, 1)  # 4 chunks, 3 free: one eviction
+    plan, _ = d.step(10.0)
+    # A's leading chunk: V = 1/10 beats B's 1/8; it is copied to host slot 0 and its slot reused
+    assert plan.swap_out == [(a_first_slot, 0)]
+    assert layout(d, "A") == (0, 1, 1, 3) and layout(d, "B") == (0, 0, 0, 2)
+    assert a_first_slot in cache.conversations["C"].dev
+    d.add("D", 0, 12.0, 4, 1)  # one more chunk
+    d.step(12.0)
+    # A's next chunk costs 5/12 = 0.42, B's leading chunk 1/10: B goes, though A is older
+    assert layout(d, "A") == (0, 1, 1, 3) and layout(d, "B") == (0, 1, 1, 2)
+
+
+def test_lru_evicts_oldest_conversation_leading_chunks_first():
+    d = two_idle_conversations("lru")
+    d.add("C", 0, 10.0, 16, 1)
+    d.step(10.0)
+    d.add("D", 0, 12.0, 4, 1)
+    d.step(12.0)
+    assert layout(d, "A") == (0, 2, 2, 3) and layout(d, "B") == (0, 0, 0, 2)
+
+
+def test_pensieve_gpu_drops_leading_chunks_and_recomputes_them_before_the_prompt():
+    d = two_idle_conversations("pensieve-gpu")
+    assert d.sched.cache.host.capacity == 0
+    d.add("C", 0, 10.0, 16, 1)
+    plan, _ = d.step(10.0)
+    assert plan.swap_out == [] and plan.dropped_chunks == 1
+    assert layout(d, "A") == (1, 1, 1, 3)
+    d.run(10.0)
+    a = d.add("A", 1, 20.0, 1, 1)  # A has 12 tokens; the 12th (its last answer token) is pending
+    plan, _ = d.step(20.0)
+    [item] = [p for p in plan.prefills if p.request_id == a.id]
+    assert item.spans == [(0, 4), (11, 2)]  # recompute the dropped chunk | pending token + prompt
+    assert (a.gpu_hit_tokens, a.cpu_hit_tokens, a.recomputed_tokens, a.new_prompt_tokens) == (7, 0, 4, 2)
+
+
+def test_pensieve_host_tier_drops_by_the_same_policy_when_full():
+    d = two_idle_conversations("pensieve", host=1)
+    d.add("C", 0, 10.0, 16, 1)
+    d.step(10.0)  # A0 -> host (host now full)
+    d.add("D", 0, 12.0, 4, 1)
+    plan, _ = d.step(12.0)  # B0 must go to host: A0 is dropped from the host to make room
+    assert layout(d, "A") == (1, 1, 1, 3) and layout(d, "B") == (0, 1, 1, 2)
+    assert plan.dropped_chunks == 1 and len(plan.swap_out) == 1
+    d.run(12.0)
+    b = d.add("B", 1, 20.0, 1, 1)
+    d.run(20.0)
+    assert (b.gpu_hit_tokens, b.cpu_hit_tokens, b.recomputed_tokens) == (3, 4, 0)
+    assert b.swap_in_chunks == 1
+    a = d.add("A", 1, 30.0, 1, 1)
+    d.run(30.0)
+    assert (a.gpu_hit_tokens, a.cpu_hit_tokens, a.recomputed_tokens) == (7, 0, 4)
+
+
+def test_trailing_lru_evicts_the_end_and_reuses_only_the_kept_prefix():
+    d = two_idle_conversations("trailing-lru", host=1)
+    d.add("C", 0, 10.0, 16, 1)
+    d.step(10.0)  # A's last chunk -> host
+    assert layout(d, "A") == (0, 1, 1, 3)
+    assert d.sched.cache.conversations["A"].dev[2] == -1
+    d.add("D", 0, 12.0, 4, 1)
+    d.step(12.0)  # A's middle chunk -> host; its last chunk is dropped from the full host
+    a_conv = d.sched.cache.conversations["A"]
+    assert layout(d, "A") == (1, 2, 2, 3)
+    assert a_conv.dev[0] >= 0 and a_conv.host[1] >= 0 and a_conv.dev[2] == a_conv.host[2] == -1
+    d.run(12.0)
+    a = d.add("A", 1, 20.0, 1, 1)
+    plan, _ = d.step(20.0)
+    [item] = [p for p in plan.prefills if p.request_id == a.id]
+    assert item.spans == [(8, 5)]  # the dropped tail, the pending token and the prompt: one span
+    assert (a.gpu_hit_tokens, a.cpu_hit_tokens, a.recomputed_tokens) == (4, 4, 3)
+
+
+def test_conversation_lru_moves_a_whole_conversation():
+    d = two_idle_conversations("conversation-lru")
+    d.add("C", 0, 10.0, 16, 1)
+    plan, _ = d.step(10.0)
+    assert len(plan.swap_out) == 3  # all of A is copied; one slot is reused at once
+    assert layout(d, "A") == (0, 1, 3, 3)
+    d.add("D", 0, 12.0, 4, 1)
+    plan, _ = d.step(12.0)
+    assert plan.swap_out == []  # A's next copy was already on the host: reclaimed for free
+    assert layout(d, "A") == (0, 2, 3, 3) and layout(d, "B") == (0, 0, 0, 2)
+
+
+def test_stateless_reuses_nothing():
+    d = Driver(make_core("stateless", 8, 8))
+    d.add("A", 0, 0.0, 11, 1)
+    d.run(0.0)
+    assert d.sched.cache.device.used == 0 and layout(d, "A") == (3, 3, 3, 3)
+    a = d.add("A", 1, 5.0, 1, 1)
+    plan, _ = d.step(5.0)
+    assert plan.prefills[0].spans == [(0, 13)]
+    assert (a.gpu_hit_tokens, a.cpu_hit_tokens, a.recomputed_tokens, a.new_prompt_tokens) == (0, 0, 11, 2)
+
+
+@pytest.mark.parametrize("policy", ["pensieve", "pensieve-gpu", "lru", "conversation-lru", "trailing-lru"])
+def test_large_cache_recomputes_nothing(policy):
+    d = Driver(make_core(policy, 1000, 1000))
+    now = 0.0
+    for turn in range(4):
+        reqs = [d.add(f"c{i}", turn, now, 7 + i, 5 + turn) for i in range(6)]
+        now = d.run(now) + 1.0
+        assert all(r.recomputed_tokens == 0 and r.cpu_hit_tokens == 0 for r in reqs)
+        assert all(r.gpu_hit_tokens == r.history_tokens for r in reqs)
+    assert d.sched.cache.stats.dropped_chunks == 0
+
+
+def test_stateless_recomputes_every_history_token():
+    d = Driver(make_core("stateless", 1000, 1000))
+    now = 0.0
+    for turn in range(3):
+        reqs = [d.add(f"c{i}", turn, now, 7 + i, 5) for i in range(4)]
+        now = d.run(now) + 1.0
+        assert all(r.recomputed_tokens == r.history_tokens and r.gpu_hit_tokens == 0 for r in reqs)
+        if turn:
+            assert all(r.history_tokens > 0 for r in reqs)
+
+
+def test_user_policy_by_import_path():
+    d = Driver(make_core("tests.pensieve.user_policy:NewestFirst", 8, 0))
+    d.add("A", 0, 0.0, 11, 1)
+    d.run(0.0)
+    d.add("B", 0, 2.0, 7, 1)
+    d.run(2.0)
+    d.add("C", 0, 10.0, 16, 1)
+    d.step(10.0)
+    assert layout(d, "B") == (1, 1, 1, 2) and layout(d, "A") == (0, 0, 0, 3)  # the newest idle goes first
+
+
+def test_unknown_policy_lists_the_allowed_names():
+    with pytest.raises(ValueError, match="allowed: pensieve, pensieve-gpu, lru"):
+        make_core("fifo", 8, 8)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        make_core("no_such_module:Policy", 8, 8)

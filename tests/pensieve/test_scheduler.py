@@ -1,0 +1,119 @@
+"""Unified batching, admission budgets, the decode reserve, ahead-of-time swap-out, suspension."""
+import pytest
+
+from pensieve.request import Request
+
+from .helpers import Driver, make_core
+
+
+def test_prefill_recompute_and_decodes_share_one_step():
+    d = Driver(make_core("pensieve-gpu", 8, 0))
+    d.add("A", 0, 0.0, 11, 1)
+    d.run(0.0)
+    d.add("B", 0, 1.0, 4, 3)
+    d.step(1.0)  # B prefills
+    d.add("C", 0, 1.0, 16, 1)  # forces A's leading chunk out
+    d.step(1.001)
+    a = d.add("A", 1, 1.002, 1, 2)
+    plan, _ = d.step(1.002)
+    assert plan.decodes == [1]  # B decodes while A recomputes its dropped chunk and prefills
+    [item] = plan.prefills
+    assert item.request_id == a.id and item.spans == [(0, 4), (11, 2)]
+    assert plan.num_tokens == 1 + 6
+
+
+def test_admission_respects_token_and_request_budgets():
+    d = Driver(make_core("pensieve", 100, 0, max_batch_tokens=25, max_batch_requests=2))
+    for i in range(3):
+        d.add(f"c{i}", 0, 0.0, 10, 5)
+    plan, _ = d.step(0.0)
+    assert [p.request_id for p in plan.prefills] == [0, 1]  # the third would pass 25 tokens
+    plan, _ = d.step(0.001)
+    assert plan.decodes == [0, 1] and plan.prefills == []  # two requests at most
+    d.run(0.001)
+    assert all(r.generated == 5 for r in d.sched.finished)
+
+
+def test_a_request_larger_than_the_token_budget_runs_alone():
+    d = Driver(make_core("pensieve", 100, 0, max_batch_tokens=8))
+    r = d.add("A", 0, 0.0, 30, 2)
+    plan, _ = d.step(0.0)
+    assert plan.prefills[0].query_tokens == 30
+    d.run(0.0)
+    assert r.done
+
+
+def test_decode_reserve_holds_back_admission():
+    d = Driver(make_core("pensieve", 10, 0, reserve=0.5))
+    first = d.add("A", 0, 0.0, 12, 2)  # 3-4 chunks
+    second = d.add("B", 0, 0.0, 12, 2)
+    plan, _ = d.step(0.0)
+    assert [p.request_id for p in plan.prefills] == [first.id]  # 4 + 4 chunks would pass 5
+    d.run(0.0)
+    assert second.admitted > first.admitted and second.done
+
+
+def test_ahead_of_time_swap_out_keeps_device_copies():
+    d = Driver(make_core("pensieve", 8, 8, threshold=0.5))
+    d.add("A", 0, 0.0, 11, 1)
+    d.run(0.0)
+    d.add("B", 0, 2.0, 7, 1)
+    plan, _ = d.step(2.0)
+    # 3 free of 8 < 50%: one batch past the threshold is copied out, leading chunks of A first
+    cache = d.sched.cache
+    a = cache.conversations["A"]
+    assert len(plan.swap_out) == 2 and (a.d, a.h, a.b) == (0, 0, 2)
+    assert all(slot >= 0 for slot in a.dev)  # still on the device: reclaimed only when needed
+    assert cache.clean_count == 2
+    r = d.add("A", 1, 3.0, 1, 1)
+    d.run(3.0)
+    assert r.gpu_hit_tokens == 11 and r.cpu_hit_tokens == 0
+
+
+@pytest.mark.parametrize("policy", ["pensieve", "pensieve-gpu", "lru", "conversation-lru", "trailing-lru", "stateless"])
+def test_decodes_out_of_slots_suspend_the_latest_arrival_which_comes_back(policy):
+    d = Driver(make_core(policy, 6, 8))
+    first = d.add("X", 0, 0.0, 4, 12)  # each grows to 4 chunks: 8 > 6 slots
+    second = d.add("Y", 0, 0.0005, 4, 12)
+    d.run(0.001)
+    suspended = [rid for plan in d.plans for rid in plan.suspended]
+    assert suspended and set(suspended) == {second.id}
+    assert first.suspensions == 0 and second.suspensions >= 1
+    assert first.generated == second.generated == 12
+    assert first.finish < second.finish
+
+
+def test_turn_over_the_context_limit_is_refused():
+    d = Driver(make_core("pensieve", 100, 0, max_context=64))
+    with pytest.raises(ValueError, match="maximum context of 64"):
+        d.add("A", 0, 0.0, 60, 10)
+
+
+def test_turn_larger_than_the_device_tier_is_refused():
+    d = Driver(make_core("pensieve", 4, 100))
+    with pytest.raises(ValueError, match="device tier holds only 4"):
+        d.add("A", 0, 0.0, 15, 3)
+
+
+def test_a_conversation_has_one_open_turn_at_a_time():
+    d = Driver(make_core("pensieve", 100, 0))
+    d.add("A", 0, 0.0, 5, 5)
+    with pytest.raises(ValueError, match="already has an unfinished turn"):
+        d.add("A", 1, 0.0, 5, 5)
+
+
+def test_requests_validate_their_counts():
+    with pytest.raises(ValueError, match="output_tokens"):
+        Request(0, "A", 1, 0.0, 3, 0)
+
+
+def test_backend_reported_eos_finishes_a_turn_early():
+    from pensieve.plan import StepResult
+
+    sched = make_core("pensieve", 100, 0)
+    r = Request(0, "A", 0, 0.0, 5, 50)
+    sched.add_request(r)
+    plan = sched.schedule(0.0)
+    sched.complete(plan, StepResult(stopped=frozenset({0})), 0.1)
+    assert r.done and r.stopped_early and r.generated == 1
+    assert sched.cache.conversations["A"].tokens == 6
