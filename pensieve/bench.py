@@ -99,3 +99,32 @@ def run_core_bench(policy: str = "pensieve", running: int = 128, device_slots: i
         dropped_chunks=cache.stats.dropped_chunks - stats_before[2],
         suspensions=sched.suspensions,
     )
+
+
+def main(args) -> int:
+    """`pensieve bench-core`: median of several runs, since this machine's timings are noisy."""
+    import statistics
+
+    from tqdm import tqdm
+
+    runs = [
+        run_core_bench(policy=args.policy, running=args.running, device_slots=args.device_slots,
+                       host_slots=args.host_slots, steps=args.steps, seed=i)
+        for i in tqdm(range(args.repeats), desc="bench-core", unit="run")
+    ]
+    median = statistics.median(r.mean_us_per_step for r in runs)
+    if args.json:
+        from .cli import print_json
+
+        print_json({"median_us_per_step": median, "runs": [r.to_dict() for r in runs]})
+        return 0
+    last = runs[-1]
+    print(f"policy {last.policy}: {last.device_slots} device + {last.host_slots} host chunk slots, "
+          f"{last.conversations} conversations, {last.decodes_per_step:.1f} decodes per step")
+    print(f"per {last.steps} steps: {last.admitted} turns admitted, {last.swap_out_chunks} chunks swapped out, "
+          f"{last.swap_in_chunks} swapped in, {last.dropped_chunks} dropped, {last.suspensions} suspensions")
+    print("run  us/step  steps/s")
+    for i, r in enumerate(runs):
+        print(f"{i:>3}  {r.mean_us_per_step:7.1f}  {r.steps_per_s:7.0f}")
+    print(f"median: {median:.1f} us per schedule+complete step ({1e6 / median:.0f} steps/s)")
+    return 0

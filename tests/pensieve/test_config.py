@@ -1,0 +1,72 @@
+"""Scenario loading: valid files build a core; bad ones name the file, the key path and what is allowed."""
+import pytest
+import yaml
+
+from pensieve.config import ScenarioError, load_scenario
+from pensieve.core import build_scheduler
+
+GOOD = {
+    "name": "tiny",
+    "seed": 3,
+    "model": "smollm2-135m",
+    "cache": {"device_gb": 0.1, "host_gb": 0.2, "policy": "lru"},
+    "scheduler": {"max_batch_tokens": 512},
+}
+
+
+def write(tmp_path, data, name="s.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_a_valid_scenario_builds_the_core(tmp_path):
+    scenario = load_scenario(write(tmp_path, GOOD))
+    sched = build_scheduler(scenario)
+    # SmolLM2 fp32: 2 x 30 layers x 3 kv heads x 64 x 4 bytes = 46,080 bytes per token
+    assert scenario.model_spec.kv_bytes_per_token == 46080
+    assert sched.cache.device.capacity == int(0.1e9 // (46080 * 32))
+    assert sched.cache.host.capacity == int(0.2e9 // (46080 * 32))
+    assert sched.cache.policy.name == "lru" and sched.max_batch_tokens == 512
+    assert sched.decode_reserve == 0.10 and sched.swap_out_threshold == 0.25
+
+
+def test_pensieve_gpu_gets_no_host_tier(tmp_path):
+    data = {**GOOD, "cache": {**GOOD["cache"], "policy": "pensieve-gpu"}}
+    assert build_scheduler(load_scenario(write(tmp_path, data))).cache.host.capacity == 0
+
+
+@pytest.mark.parametrize(
+    "patch, key, message",
+    [
+        ({"cache": {"device_gb": 1, "polcy": "lru"}}, "cache.polcy", "unknown key; allowed here: device_gb"),
+        ({"cache": {"device_gb": 1, "policy": "fifo"}}, "cache.policy.type", "allowed: pensieve, pensieve-gpu"),
+        ({"cache": {"device_gb": -1}}, "cache.device_gb", "greater than 0"),
+        ({"cache": {"host_gb": 1}}, "cache.device_gb", "is required"),
+        ({"model": "gpt-9"}, "model", "known presets"),
+        ({"scheduler": {"decode_reserve": 1.5}}, "scheduler.decode_reserve", "less than 1"),
+        ({"sceduler": {}}, "sceduler", "unknown key; allowed here: name, seed, model"),
+    ],
+)
+def test_bad_scenarios_name_file_key_and_what_is_allowed(tmp_path, patch, key, message):
+    path = write(tmp_path, {**GOOD, **patch})
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    text = str(info.value)
+    assert text.startswith(str(path)) and info.value.key == key and message in text, text
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ScenarioError, match="cannot be read"):
+        load_scenario(tmp_path / "missing.yaml")
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(write(tmp_path, "cache: [unclosed"))
+    with pytest.raises(ScenarioError, match="a scenario is a mapping"):
+        load_scenario(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_model_by_dimensions(tmp_path):
+    dims = {"name": "mine", "architecture": "llama", "layers": 2, "hidden_size": 64, "heads": 4, "kv_heads": 2,
+            "head_dim": 16, "intermediate_size": 128, "vocab_size": 100, "max_context": 512}
+    scenario = load_scenario(write(tmp_path, {**GOOD, "model": dims}))
+    assert scenario.model_spec.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
