@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+
+import numpy as np
 from dataclasses import dataclass, field
 
 from .policies import EvictionPolicy
@@ -445,52 +447,111 @@ class KVCacheManager:
     def _refill(self, queue: deque, now: float, device: bool) -> bool:
         """Queue the tier's `batch` lowest-scoring chunks as runs, in retention order; False if none.
 
-        Candidates are visited longest-idle first and each conversation's chunks in eviction
-        order, whose scores never decrease (cost grows with context), so a conversation stops
-        contributing at its first chunk that cannot enter the batch, and the whole pass stops
-        once the policy's score floor for the remaining (younger) conversations cannot either.
+        Ties go to the longer-idle conversation, then to the earlier chunk in eviction order.
         """
-        policy = self.policy
-        score, floor = policy.score, policy.score_floor
-        trailing, whole = self.trailing, self.whole_conversation
         budget = self._device_batch if device else self._host_batch
-        best: list = []  # max-heap of the best chunks (or whole runs): (-score, -order, -k, count, conv)
-        held = 0  # chunks in `best`
-        for order, conv in enumerate((self.idle_device if device else self.idle).values()):
-            k, end = (conv.b, len(conv.dev)) if device else (conv.d, conv.h)
-            if k >= end:
-                continue
-            idle_s = now - conv.last_active
-            n = len(conv.dev)
-            if held >= budget and floor(idle_s) >= -best[0][0]:
-                break
-            if whole:  # one entry for the conversation's whole run on this tier
-                value = score(n - 1 - k if trailing else k, idle_s)
-                heapq.heappush(best, (-value, -order, -k, end - k, conv))
-                held += end - k
-                while held - best[0][3] >= budget:
-                    held -= heapq.heappop(best)[3]
-                continue
-            for j in range(k, end):
-                value = score(n - 1 - j if trailing else j, idle_s)
-                if held < budget:
-                    heapq.heappush(best, (-value, -order, -j, 1, conv))
-                    held += 1
-                elif (value, order, j) < (-best[0][0], -best[0][1], -best[0][2]):
-                    heapq.heapreplace(best, (-value, -order, -j, 1, conv))
-                else:
-                    break
-        if not best:
+        candidates = (self.idle_device if device else self.idle).values()
+        if self.whole_conversation:
+            picked = self._pick_conversations(candidates, now, device, budget)
+        else:
+            picked = self._pick_chunks(candidates, now, device, budget)
+        if not picked:
             return False
-        best.sort(reverse=True)  # ascending (score, order, k)
-        for _, _, neg_k, count, conv in best:
-            k = -neg_k
+        for conv, k, count in picked:
             last = queue[-1] if queue else None
             if last is not None and last[0] is conv and last[1] + last[2] == k:
                 queue[-1] = (conv, last[1], last[2] + count)  # extend the run
             else:
                 queue.append((conv, k, count))
         return True
+
+    def _pick_chunks(self, candidates, now: float, device: bool, budget: int) -> list:
+        """The `budget` lowest (score, order, chunk) over the tier's evictable chunks, ascending.
+
+        Conversations are visited longest-idle first, and a conversation's chunks score in
+        nondecreasing order along eviction order. So once `budget` chunks are in hand, their
+        budget-th smallest score `bound` prunes: a conversation whose next chunk scores no lower
+        contributes nothing, and the pass ends when the policy's score floor for the younger
+        conversations left reaches `bound`. The scoring itself is vectorised.
+        """
+        policy = self.policy
+        floor, below = policy.score_floor, policy.chunks_below
+        trailing = self.trailing
+        convs: list[Conversation] = []
+        orders: list[int] = []
+        firsts: list[int] = []
+        counts: list[int] = []
+        sizes: list[int] = []
+        idles: list[float] = []
+        held = 0
+        bound = float("inf")
+        rebound_at = budget  # recompute the bound each time another batch's worth is collected
+        for order, conv in enumerate(candidates):
+            k, end = (conv.b, len(conv.dev)) if device else (conv.d, conv.h)
+            if k >= end:
+                continue
+            idle_s = now - conv.last_active
+            n = len(conv.dev)
+            if held >= budget:
+                if floor(idle_s) >= bound:
+                    break
+                # only the chunks that score under the bound can enter
+                count = below(n, k, min(end, k + budget), idle_s, bound, trailing)
+                if not count:
+                    continue
+            else:
+                count = min(end - k, budget)
+            convs.append(conv)
+            orders.append(order)
+            firsts.append(k)
+            counts.append(count)
+            sizes.append(n)
+            idles.append(idle_s)
+            held += count
+            if held >= rebound_at:
+                values = self._score_chunks(orders, firsts, counts, sizes, idles)[0]
+                bound = float(np.partition(values, budget - 1)[budget - 1])
+                rebound_at = held + budget
+        if not convs:
+            return []
+        values, owner, j = self._score_chunks(orders, firsts, counts, sizes, idles)
+        order_of = np.asarray(orders)[owner]
+        chosen = np.lexsort((j, order_of, values))[:budget]
+        owner, j = owner[chosen], j[chosen]
+        # consecutive picks of one conversation's consecutive chunks form one run
+        starts = np.flatnonzero(np.r_[True, (owner[1:] != owner[:-1]) | (j[1:] != j[:-1] + 1)])
+        lengths = np.diff(np.r_[starts, len(owner)])
+        return [(convs[o], k, c) for o, k, c in zip(owner[starts].tolist(), j[starts].tolist(), lengths.tolist())]
+
+    def _score_chunks(self, orders, firsts, counts, sizes, idles):
+        """Scores of every collected chunk: (values, index of its conversation, eviction-order position)."""
+        counts_a = np.asarray(counts)
+        owner = np.repeat(np.arange(len(counts)), counts_a)
+        starts = np.cumsum(counts_a) - counts_a
+        j = np.arange(len(owner)) - starts[owner] + np.asarray(firsts)[owner]
+        index = np.asarray(sizes)[owner] - 1 - j if self.trailing else j
+        values = self.policy.score_array(index, np.asarray(idles)[owner])
+        return values, owner, j
+
+    def _pick_conversations(self, candidates, now: float, device: bool, budget: int) -> list:
+        """Whole-conversation policies: the lowest-scoring conversations' runs on the tier, ascending."""
+        score, floor = self.policy.score, self.policy.score_floor
+        best: list = []  # max-heap: (-score, -order, k, count, conv)
+        held = 0  # chunks in `best`
+        for order, conv in enumerate(candidates):
+            k, end = (conv.b, len(conv.dev)) if device else (conv.d, conv.h)
+            if k >= end:
+                continue
+            idle_s = now - conv.last_active
+            if held >= budget and floor(idle_s) >= -best[0][0]:
+                break
+            value = score(len(conv.dev) - 1 - k if self.trailing else k, idle_s)
+            heapq.heappush(best, (-value, -order, k, end - k, conv))
+            held += end - k
+            while held - best[0][3] >= budget:
+                held -= heapq.heappop(best)[3]
+        best.sort(reverse=True)
+        return [(conv, k, count) for _, _, k, count, conv in best]
 
     # ------------------------------------------------------------------ checks
     def check_invariants(self) -> None:

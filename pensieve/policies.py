@@ -13,7 +13,10 @@ order along the policy's eviction order (the manager relies on it to select vict
 """
 from __future__ import annotations
 
+import bisect
 import importlib
+
+import numpy as np
 
 from .cost import CostModel, LinearCostModel
 
@@ -41,6 +44,7 @@ class EvictionPolicy:
             self.cost_model.chunk_recompute_s(i * chunk_tokens, chunk_tokens) for i in range(max_chunks + 1)
         ]
         self._min_cost = min(self._chunk_cost)
+        self._cost_array = np.asarray(self._chunk_cost)
 
     def chunk_cost(self, chunk_index: int) -> float:
         return self._chunk_cost[chunk_index]
@@ -48,6 +52,23 @@ class EvictionPolicy:
     def score(self, chunk_index: int, idle_s: float) -> float:
         """Retention value of a conversation's chunk at `chunk_index`, idle for `idle_s` seconds."""
         raise NotImplementedError
+
+    def score_array(self, chunk_index: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
+        """`score` over arrays; override with a vectorised form (results must match `score` exactly)."""
+        return np.fromiter((self.score(int(i), float(t)) for i, t in zip(chunk_index, idle_s)),
+                           dtype=float, count=len(chunk_index))
+
+    def chunks_below(self, n: int, first: int, end: int, idle_s: float, bound: float, trailing: bool) -> int:
+        """How many chunks from eviction position `first` (before `end`) score under `bound`.
+
+        A conversation of `n` chunks; positions map to chunk indices in reverse when trailing.
+        """
+        count = 0
+        for j in range(first, end):
+            if self.score(n - 1 - j if trailing else j, idle_s) >= bound:
+                break
+            count += 1
+        return count
 
     def score_floor(self, idle_s: float) -> float:
         """A lower bound on `score(i, t)` for every chunk i and every t <= idle_s.
@@ -65,6 +86,22 @@ class PensievePolicy(EvictionPolicy):
 
     def score(self, chunk_index: int, idle_s: float) -> float:
         return self._chunk_cost[chunk_index] / max(idle_s, MIN_IDLE_S)
+
+    def score_array(self, chunk_index: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
+        return self._cost_array[chunk_index] / np.maximum(idle_s, MIN_IDLE_S)
+
+    def chunks_below(self, n: int, first: int, end: int, idle_s: float, bound: float, trailing: bool) -> int:
+        if trailing:
+            return super().chunks_below(n, first, end, idle_s, bound, trailing)
+        # Leading order: cost is nondecreasing in the index, so bisect; then settle the
+        # boundary with the exact score, since cost < bound * T can round differently.
+        t = max(idle_s, MIN_IDLE_S)
+        cut = bisect.bisect_left(self._chunk_cost, bound * t, first, end)
+        while cut > first and self._chunk_cost[cut - 1] / t >= bound:
+            cut -= 1
+        while cut < end and self._chunk_cost[cut] / t < bound:
+            cut += 1
+        return cut - first
 
     def score_floor(self, idle_s: float) -> float:
         return self._min_cost / max(idle_s, MIN_IDLE_S)
@@ -87,6 +124,9 @@ class LruPolicy(EvictionPolicy):
     name = "lru"
 
     def score(self, chunk_index: int, idle_s: float) -> float:
+        return -idle_s
+
+    def score_array(self, chunk_index: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
         return -idle_s
 
     def score_floor(self, idle_s: float) -> float:

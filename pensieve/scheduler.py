@@ -41,6 +41,7 @@ class Scheduler:
         self.requests: dict[int, Request] = {}  # unfinished requests by id
         self.finished: list[Request] = []
         self._open_turns: set = set()  # conversations with an unfinished turn
+        self._decoding: list[Request] = []  # the decodes of the latest plan, as objects
         self.steps = 0
         self.suspensions = 0
 
@@ -87,21 +88,33 @@ class Scheduler:
         cache.begin_step()
         ct = cache.chunk_tokens
         running = self.running
-        decodes: list[int] = []
-        context = 0
         suspended: list[int] = []
-        i = 0
-        while i < len(running):
-            r = running[i]
+        # The common case in one tight pass: every decode already has a slot for its token,
+        # or gets one. A decode that cannot sends the rest through the suspending loop below.
+        context = 0
+        stuck = -1
+        for i, r in enumerate(running):
             conv = r.conversation
-            if conv.kv_tokens >= len(conv.dev) * ct and not cache.grow(conv, now):
-                victim = running.pop()  # the latest arrival gives way (§4.3.5)
-                self._suspend(victim, now)
-                suspended.append(victim.id)
-                continue  # retry r, unless it was the victim
-            decodes.append(r.id)
-            context += conv.kv_tokens + 1
-            i += 1
+            kv = conv.kv_tokens
+            if kv >= len(conv.dev) * ct and not cache.grow(conv, now):
+                stuck = i
+                break
+            context += kv
+        if stuck >= 0:
+            i = stuck
+            while i < len(running):
+                r = running[i]
+                conv = r.conversation
+                if conv.kv_tokens >= len(conv.dev) * ct and not cache.grow(conv, now):
+                    victim = running.pop()  # the latest arrival gives way (§4.3.5)
+                    self._suspend(victim, now)
+                    suspended.append(victim.id)
+                    continue  # retry r, unless it was the victim
+                context += conv.kv_tokens
+                i += 1
+        self._decoding = list(running)
+        decodes = [r.id for r in running]
+        context += len(decodes)
 
         prefills: list[PrefillItem] = []
         batch_tokens = len(decodes)
@@ -150,8 +163,8 @@ class Scheduler:
         requests = self.requests
         stopped = result.stopped if result is not None else ()
         finished: list[Request] = []
-        for rid in plan.decodes:
-            r = requests[rid]
+        decoding = self._decoding if plan.index == self.steps else [requests[rid] for rid in plan.decodes]
+        for r in decoding:
             conv = r.conversation
             conv.kv_tokens += 1
             conv.tokens += 1
