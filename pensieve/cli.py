@@ -7,6 +7,7 @@ import sys
 from importlib import import_module
 
 from .config import ScenarioError
+from .workload import WorkloadError
 from .policies import REGISTRY
 
 
@@ -36,6 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
+    p = sub.add_parser("simulate", help="simulate a scenario on its profile's cost model (no GPU, no torch)")
+    p.add_argument("scenario", help="scenario YAML")
+    p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>)")
+    p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler="sim.commands:simulate_command")
+
+    p = sub.add_parser("sweep", help="simulate every point of a scenario's sweep: axes in parallel")
+    p.add_argument("scenario", help="scenario YAML with a sweep: section")
+    p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>-sweep)")
+    p.add_argument("--jobs", type=int, default=None, help="local processes (default: one per core)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="run the points on an existing Ray cluster")
+    p.add_argument("--search", action="store_true",
+                   help="also find each policy's throughput at the latency target (bisection over arrival rates)")
+    p.add_argument("--target", type=float, default=None, help="normalized latency target in ms/token")
+    p.add_argument("--metric", default="mean", choices=["mean", "p90"], help="latency statistic for --search")
+    p.set_defaults(handler="sim.commands:sweep_command")
+
+    p = sub.add_parser("workload", help="write a scenario's workload (synthetic, ShareGPT or trace) as a JSONL trace")
+    p.add_argument("scenario", help="scenario YAML")
+    p.add_argument("--out", required=True, help="JSONL trace to write")
+    p.set_defaults(handler="sim.commands:workload_command")
+
     p = sub.add_parser("bench-core", help="time the core's schedule+complete step under cache pressure")
     p.add_argument("--policy", default="pensieve", choices=sorted(REGISTRY))
     p.add_argument("--running", type=int, default=128, help="decodes kept running")
@@ -45,6 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs; the median is reported")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(handler="pensieve.bench:main")
+
+    p = sub.add_parser("profile", help="measure a device's cost model (attention per chunk, batch compute, copies)")
+    p.add_argument("--model", default=None, help="as for chat; random:<preset> profiles an architecture without weights")
+    p.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--random-weights", action="store_true", help="build the model's architecture with random weights")
+    p.add_argument("--out", default=None, help="profile YAML to write (default: profiles/<device>-<model>-<dtype>.yaml)")
+    p.add_argument("--quick", action="store_true", help="coarser grid and fewer repeats (under a minute on a CPU)")
+    p.add_argument("--chunk-tokens", type=int, default=32)
+    p.add_argument("--check", default=None, metavar="PROFILE",
+                   help="instead of profiling: run off-grid mixed batches and report measured vs predicted step time")
+    p.add_argument("--analytical", default=None, metavar="GPU",
+                   help="instead of measuring: write a roofline profile for a published GPU (a100-80gb, h100-80gb)")
+    p.set_defaults(handler="executor.profiler:main")
 
     p = sub.add_parser("compare", help="pensieve against stateless recompute on the same conversations (real model)")
     _add_model_options(p)
@@ -73,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(handler(args) or 0)
-    except (ScenarioError, ValueError) as exc:
+    except (ScenarioError, WorkloadError, ValueError, FileNotFoundError) as exc:
         print(f"pensieve {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

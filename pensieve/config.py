@@ -4,6 +4,7 @@ Unknown keys are errors (a misspelt key silently ignored would run the wrong exp
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,13 +86,58 @@ class SchedulerConfig(_Strict):
     swap_out_threshold: float = Field(default=0.25, ge=0, lt=1)
 
 
+class WorkloadConfig(_Strict):
+    """Where conversations come from and how they arrive (Table 2 presets, fixed shapes, files)."""
+
+    type: Literal["synthetic", "fixed", "sharegpt", "trace"] = "synthetic"
+    preset: Literal["sharegpt", "ultrachat"] = "sharegpt"
+    conversations: int = Field(default=100, gt=0, description="conversations to draw (synthetic, fixed, a cap for files)")
+    arrival_rate: float = Field(default=1.0, gt=0, description="new conversations per second, Poisson; .inf: all at once")
+    think_time: Literal["exponential", "fixed", "none"] = "exponential"
+    think_time_s: float = Field(default=60.0, ge=0, description="mean user think time between turns (§6.1)")
+    max_context: int = Field(default=16384, gt=0, description="a conversation ends before passing this (§6.1)")
+    # synthetic shape; unset means the preset's mean
+    turns_mean: float | None = Field(default=None, ge=1)
+    prompt_mean: float | None = Field(default=None, gt=0)
+    output_mean: float | None = Field(default=None, gt=0)
+    prompt_sigma: float = Field(default=1.0, ge=0, description="lognormal shape of prompt lengths")
+    output_sigma: float = Field(default=0.8, ge=0, description="lognormal shape of output lengths")
+    # fixed shape
+    turns: int = Field(default=5, gt=0)
+    prompt_tokens: int = Field(default=100, gt=0)
+    output_tokens: int = Field(default=32, gt=0)
+    # files
+    path: str | None = None
+    on_error: Literal["skip", "refuse"] = "skip"
+
+    @model_validator(mode="after")
+    def _files_need_a_path(self) -> "WorkloadConfig":
+        if self.type in ("sharegpt", "trace") and not self.path:
+            raise ValueError(f"workload type {self.type!r} needs 'path'")
+        return self
+
+
+class RunConfig(_Strict):
+    """Settings of real runs only."""
+
+    time_scale: float = Field(default=1.0, gt=0, description="think times are divided by this in real runs")
+    device: str | None = None
+    dtype: Literal[tuple(DTYPE_BYTES)] | None = None  # type: ignore[valid-type]
+    model_path: str | None = Field(default=None, description="weights to load; default: the built-in model")
+
+
 class Scenario(_Strict):
     name: str = "scenario"
     seed: int = 0
     model: ModelDims = Field(default_factory=lambda: ModelDims(**PRESETS[DEFAULT_MODEL].to_dict()))
+    profile: str | None = Field(default=None, description="cost-model profile YAML (relative to the scenario file)")
     cache: CacheConfig
     cost_model: LinearCostConfig = LinearCostConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+    latency_target_ms: float | None = Field(default=None, gt=0, description="normalized latency target")
+    run: RunConfig = RunConfig()
+    sweep: dict[str, list[Any]] = Field(default_factory=dict, description="key path -> values (cartesian product)")
 
     @field_validator("model", mode="before")
     @classmethod
@@ -151,8 +197,54 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def resolve_path(value: str | None, scenario_path: str | Path | None) -> str | None:
+    """A path named in a scenario: looked up next to the scenario file, then in the folders above
+    it, then taken as given (relative to the working directory)."""
+    if value is None or scenario_path is None or Path(value).is_absolute():
+        return value
+    folder = Path(scenario_path).resolve().parent
+    for base in (folder, *folder.parents):
+        if (base / value).exists():
+            return str(base / value)
+    return value
+
+
+def _set_key(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part == "policy":
+            child = {"type": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def expand_sweep(scenario: Scenario, source: str = "<scenario>") -> list[tuple[dict[str, Any], Scenario]]:
+    """The cartesian product of the scenario's `sweep:` axes, each point validated as a scenario.
+
+    Axes are key paths (`cache.policy`, `workload.arrival_rate`); a point's errors name the axis.
+    """
+    import itertools
+
+    base = scenario.model_dump(exclude={"sweep"})
+    axes = list(scenario.sweep.items())
+    points = []
+    for values in itertools.product(*(v for _, v in axes)):
+        data = json.loads(json.dumps(base))
+        point = {}
+        for (key, _), value in zip(axes, values):
+            _set_key(data, key, value)
+            point[key] = value
+        points.append((point, parse_scenario(data, f"{source} (sweep point {point})")))
+    return points
+
+
 def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario YAML file."""
+    """Read and validate a scenario YAML file; paths in it are resolved against its location."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -162,4 +254,7 @@ def load_scenario(path: str | Path) -> Scenario:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ScenarioError(str(path), "", f"is not valid YAML: {exc}") from None
-    return parse_scenario(data, str(path))
+    scenario = parse_scenario(data, str(path))
+    updates = {"profile": resolve_path(scenario.profile, path)}
+    workload = scenario.workload.model_copy(update={"path": resolve_path(scenario.workload.path, path)})
+    return scenario.model_copy(update={**updates, "workload": workload})

@@ -9,7 +9,14 @@ from .scheduler import Scheduler
 from .tiers import slots_for
 
 
-def build_cost_model(scenario: Scenario) -> CostModel:
+def build_cost_model(scenario: Scenario, source: str = "<scenario>") -> CostModel:
+    """The scenario's profile when it names one (its model must match), else the linear Cost(l)."""
+    if scenario.profile:
+        from .profile import ProfileCostModel, check_profile_matches, load_profile
+
+        profile = load_profile(scenario.profile)
+        check_profile_matches(profile, scenario.model_spec, source)
+        return ProfileCostModel(profile)
     cfg = scenario.cost_model
     return LinearCostModel(cfg.a, cfg.c)
 

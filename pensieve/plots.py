@@ -1,0 +1,103 @@
+"""Plots of a results folder and of sweeps, as PNG files (matplotlib, headless)."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(folder: str | Path, summary: dict, rows: list[dict], timeline: list[dict]) -> list[Path]:
+    """Hit rates by tier, time to first token by turn index, and cache occupancy over time."""
+    plt = _pyplot()
+    folder = Path(folder)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    rates = summary["hit_rate"]
+    ax.bar(["device hit", "host hit", "recomputed"], [rates["gpu"], rates["cpu"], rates["miss"]],
+           color=["tab:green", "tab:blue", "tab:red"])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of history tokens")
+    ax.set_title(f"{summary['policy']} ({summary['mode']})")
+    written.append(_save(fig, folder / "hit_rates.png"))
+
+    by_turn = defaultdict(list)
+    for row in rows:
+        by_turn[int(row["turn"])].append(float(row["ttft_s"]))
+    if by_turn:
+        turns = sorted(by_turn)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(turns, [sum(by_turn[t]) / len(by_turn[t]) for t in turns], marker="o")
+        ax.set_xlabel("turn index")
+        ax.set_ylabel("mean time to first token (s)")
+        ax.set_title("time to first token by turn")
+        written.append(_save(fig, folder / "ttft_by_turn.png"))
+
+    if timeline:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        t = [p["time_s"] for p in timeline]
+        ax.plot(t, [p["device_used"] / max(p["device_capacity"], 1) for p in timeline], label="device tier")
+        if timeline[0]["host_capacity"]:
+            ax.plot(t, [p["host_used"] / p["host_capacity"] for p in timeline], label="host tier")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("slots in use")
+        ax.legend()
+        ax.set_title("cache occupancy")
+        written.append(_save(fig, folder / "occupancy.png"))
+    return written
+
+
+def plot_sweep(folder: str | Path, rows: list[dict], target_ms: float | None = None) -> list[Path]:
+    """Normalized latency against throughput, one line per policy (the paper's main figure),
+    and hit rates by policy."""
+    plt = _pyplot()
+    folder = Path(folder)
+    by_policy = defaultdict(list)
+    for row in rows:
+        by_policy[row["policy"]].append(row)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, points in sorted(by_policy.items()):
+        points.sort(key=lambda r: r["throughput_rps"])
+        ax.plot([p["throughput_rps"] for p in points], [p["lat_mean"] for p in points], marker="o", label=policy)
+    if target_ms:
+        ax.axhline(target_ms, color="grey", linestyle="--", linewidth=1, label="latency target")
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("mean normalized latency (ms/token)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("latency against throughput")
+    written = [_save(fig, folder / "latency_vs_throughput.png")]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    policies = sorted(by_policy)
+    # hit rates at each policy's highest-throughput point
+    best = [max(by_policy[p], key=lambda r: r["throughput_rps"]) for p in policies]
+    bottom = [0.0] * len(policies)
+    for key, label, color in (("hit_gpu", "device hit", "tab:green"), ("hit_cpu", "host hit", "tab:blue"),
+                              ("hit_miss", "recomputed", "tab:red")):
+        values = [b[key] for b in best]
+        ax.bar(policies, values, bottom=bottom, label=label, color=color)
+        bottom = [a + v for a, v in zip(bottom, values)]
+    ax.set_ylabel("share of history tokens")
+    ax.set_title("where history was found (highest load)")
+    ax.legend()
+    written.append(_save(fig, folder / "hit_rates_by_policy.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

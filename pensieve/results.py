@@ -1,0 +1,138 @@
+"""The results folder every run writes, real or simulated: summary.json, requests.csv, the scenario."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .request import Request
+
+REQUEST_COLUMNS = [
+    "request", "conversation", "turn", "arrival_s", "first_token_s", "finish_s", "prompt_tokens",
+    "output_tokens", "history_tokens", "gpu_hit_tokens", "cpu_hit_tokens", "recomputed_tokens",
+    "new_prompt_tokens", "swap_in_chunks", "suspensions", "normalized_latency_ms", "ttft_s",
+]
+
+
+def _percentiles(values: np.ndarray, scale: float = 1.0) -> dict[str, float]:
+    if not len(values):
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {"mean": float(values.mean() * scale), "p50": float(p50 * scale), "p90": float(p90 * scale),
+            "p99": float(p99 * scale)}
+
+
+def summarize(finished: list[Request], mode: str, policy: str, wall_s: float, swap_in_chunks: int,
+              swap_out_chunks: int, bytes_per_chunk: int, extra: dict | None = None) -> dict:
+    """The summary of DESIGN.md over finished requests; time spans from first arrival to last finish."""
+    done = [r for r in finished if r.finish is not None]
+    if done:
+        start = min(r.arrival for r in done)
+        duration = max(r.finish for r in done) - start
+    else:
+        duration = 0.0
+    latency = np.array([(r.finish - r.arrival) / max(r.generated, 1) for r in done])
+    ttft = np.array([r.first_token - r.arrival for r in done])
+    history = sum(r.history_tokens for r in done)
+    gpu = sum(r.gpu_hit_tokens for r in done)
+    cpu = sum(r.cpu_hit_tokens for r in done)
+    recomputed = sum(r.recomputed_tokens for r in done)
+    generated = sum(r.generated for r in done)
+    ttft_p = _percentiles(ttft)
+    summary = {
+        "mode": mode,
+        "policy": policy,
+        "requests": len(done),
+        "duration_s": duration,
+        "wall_s": wall_s,
+        "throughput_rps": len(done) / duration if duration > 0 else 0.0,
+        "output_tokens_per_s": generated / duration if duration > 0 else 0.0,
+        "normalized_latency_ms": _percentiles(latency, 1e3),
+        "ttft_s": {"mean": ttft_p["mean"], "p90": ttft_p["p90"]},
+        "tokens": {
+            "history": history, "gpu_hit": gpu, "cpu_hit": cpu, "recomputed": recomputed,
+            "new_prompt": sum(r.new_prompt_tokens for r in done), "generated": generated,
+            "resume_recomputed": sum(r.resume_recomputed_tokens for r in done),
+        },
+        "hit_rate": {
+            "gpu": gpu / history if history else 0.0,
+            "cpu": cpu / history if history else 0.0,
+            "miss": recomputed / history if history else 0.0,
+        },
+        "swap_bytes": {"in": swap_in_chunks * bytes_per_chunk, "out": swap_out_chunks * bytes_per_chunk},
+        "suspensions": sum(r.suspensions for r in done),
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def request_rows(finished: list[Request]) -> list[dict]:
+    rows = []
+    for r in sorted(finished, key=lambda r: r.id):
+        if r.finish is None:
+            continue
+        rows.append({
+            "request": r.id, "conversation": r.conversation_id, "turn": r.turn, "arrival_s": r.arrival,
+            "first_token_s": r.first_token, "finish_s": r.finish, "prompt_tokens": r.prompt_tokens,
+            "output_tokens": r.generated, "history_tokens": r.history_tokens, "gpu_hit_tokens": r.gpu_hit_tokens,
+            "cpu_hit_tokens": r.cpu_hit_tokens, "recomputed_tokens": r.recomputed_tokens,
+            "new_prompt_tokens": r.new_prompt_tokens, "swap_in_chunks": r.swap_in_chunks,
+            "suspensions": r.suspensions,
+            "normalized_latency_ms": (r.finish - r.arrival) / max(r.generated, 1) * 1e3,
+            "ttft_s": r.first_token - r.arrival,
+        })
+    return rows
+
+
+def write_results(folder: str | Path, summary: dict, finished: list[Request], scenario: dict,
+                  timeline: list[dict] | None = None) -> Path:
+    """Write summary.json, requests.csv, scenario.yaml (resolved) and timeline.csv into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with open(folder / "requests.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=REQUEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(request_rows(finished))
+    (folder / "scenario.yaml").write_text(yaml.safe_dump(scenario, sort_keys=False))
+    if timeline:
+        with open(folder / "timeline.csv", "w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=list(timeline[0]))
+            writer.writeheader()
+            writer.writerows(timeline)
+    return folder
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain aligned text table: columns are (header, key) pairs; floats get 3 significant digits."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}"
+        return str(value)
+
+    cells = [[cell(row.get(key, "")) for _, key in columns] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (h, _) in enumerate(columns)]
+    lines = ["  ".join(h.rjust(w) for (h, _), w in zip(columns, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = [
+    ("policy", "policy"), ("requests", "requests"), ("req/s", "throughput_rps"), ("tok/s", "output_tokens_per_s"),
+    ("norm lat mean ms", "lat_mean"), ("p90 ms", "lat_p90"), ("ttft s", "ttft_mean"), ("gpu hit", "hit_gpu"),
+    ("cpu hit", "hit_cpu"), ("miss", "hit_miss"),
+]
+
+
+def summary_row(summary: dict, **extra) -> dict:
+    """Flatten a summary into one table row."""
+    return {
+        **extra, "policy": summary["policy"], "requests": summary["requests"],
+        "throughput_rps": summary["throughput_rps"], "output_tokens_per_s": summary["output_tokens_per_s"],
+        "lat_mean": summary["normalized_latency_ms"]["mean"], "lat_p90": summary["normalized_latency_ms"]["p90"],
+        "ttft_mean": summary["ttft_s"]["mean"], "hit_gpu": summary["hit_rate"]["gpu"],
+        "hit_cpu": summary["hit_rate"]["cpu"], "hit_miss": summary["hit_rate"]["miss"],
+    }

@@ -1,0 +1,250 @@
+"""Multi-turn workloads: synthetic presets from the paper's Table 2, fixed shapes, ShareGPT files, traces.
+
+A workload is a list of conversations, each a start time and a list of turns (new prompt
+tokens, output tokens, think time before the turn). When a turn is *sent* depends on when the
+previous answer arrives, so arrival times of later turns are the driver's business.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Table 2 of the paper (§6.1): mean turns per conversation, new input and output tokens per request.
+PRESETS = {
+    "sharegpt": {"turns_mean": 5.56, "prompt_mean": 37.77, "output_mean": 204.58},
+    "ultrachat": {"turns_mean": 3.86, "prompt_mean": 51.78, "output_mean": 257.81},
+}
+# ShareGPT-style text averages about four characters per token for English (tiktoken/Llama
+# tokenizers); used only when no tokenizer is at hand.
+CHARS_PER_TOKEN = 4.0
+
+
+class WorkloadError(ValueError):
+    """A workload file or setting that cannot be used; the message says where and why."""
+
+
+@dataclass
+class Turn:
+    prompt_tokens: int
+    output_tokens: int
+    think_s: float = 0.0  # user think time after the previous answer, before this turn is sent
+
+
+@dataclass
+class Conversation:
+    id: str
+    start_s: float
+    turns: list[Turn] = field(default_factory=list)
+
+    @property
+    def context_tokens(self) -> int:
+        return sum(t.prompt_tokens + t.output_tokens for t in self.turns)
+
+
+@dataclass
+class Workload:
+    conversations: list[Conversation]
+    skipped: list[str] = field(default_factory=list)  # malformed entries left out, with their positions
+
+    @property
+    def requests(self) -> int:
+        return sum(len(c.turns) for c in self.conversations)
+
+    def to_trace(self, path: Path) -> None:
+        """Write the JSONL trace format: one line per turn."""
+        with open(path, "w") as out:
+            for conv in self.conversations:
+                for i, turn in enumerate(conv.turns):
+                    row = {"conversation": conv.id, "turn": i, **asdict(turn)}
+                    if i == 0:
+                        row["start_s"] = conv.start_s
+                    out.write(json.dumps(row) + "\n")
+
+
+def cap_context(turns: list[Turn], max_context: int) -> list[Turn]:
+    """Keep the leading turns whose whole context fits `max_context`; the conversation ends there.
+
+    The paper caps context at 16,384 tokens (§6.1); a conversation that would pass it ends, as
+    a chat service refuses a turn over its model's context.
+    """
+    kept, total = [], 0
+    for turn in turns:
+        total += turn.prompt_tokens + turn.output_tokens
+        if total > max_context:
+            break
+        kept.append(turn)
+    return kept
+
+
+def _lognormal(rng: np.random.Generator, mean: float, sigma: float, size: int) -> np.ndarray:
+    """Lognormal draws with the given mean (not median), rounded, at least 1."""
+    mu = math.log(mean) - sigma * sigma / 2
+    return np.maximum(1, np.rint(rng.lognormal(mu, sigma, size))).astype(int)
+
+
+def arrival_times(rng: np.random.Generator, count: int, rate: float) -> np.ndarray:
+    """Start times of `count` conversations from a Poisson process of `rate` per second (inf: all at 0)."""
+    if math.isinf(rate):
+        return np.zeros(count)
+    return np.cumsum(rng.exponential(1.0 / rate, count))
+
+
+def think_times(rng: np.random.Generator, kind: str, mean_s: float, size: int) -> np.ndarray:
+    if kind == "none" or mean_s == 0:
+        return np.zeros(size)
+    if kind == "fixed":
+        return np.full(size, float(mean_s))
+    return rng.exponential(mean_s, size)
+
+
+def synthetic(rng: np.random.Generator, conversations: int, rate: float, turns_mean: float, prompt_mean: float,
+              output_mean: float, prompt_sigma: float, output_sigma: float, think: str, think_mean_s: float,
+              max_context: int) -> Workload:
+    """ShareGPT- or UltraChat-like conversations.
+
+    Turns per conversation are 1 + geometric (so the mean is `turns_mean`); prompt and output
+    lengths are lognormal with the given means (heavy-tailed, as chat lengths are).
+    """
+    starts = arrival_times(rng, conversations, rate)
+    convs = []
+    for c in range(conversations):
+        n = int(rng.geometric(1.0 / turns_mean))
+        prompts = _lognormal(rng, prompt_mean, prompt_sigma, n)
+        outputs = _lognormal(rng, output_mean, output_sigma, n)
+        thinks = think_times(rng, think, think_mean_s, n)
+        turns = [Turn(int(p), int(o), 0.0 if i == 0 else float(t))
+                 for i, (p, o, t) in enumerate(zip(prompts, outputs, thinks))]
+        turns = cap_context(turns, max_context)
+        if turns:
+            convs.append(Conversation(f"c{c}", float(starts[c]), turns))
+    return Workload(convs)
+
+
+def fixed(rng: np.random.Generator, conversations: int, rate: float, turns: int, prompt_tokens: int,
+          output_tokens: int, think: str, think_mean_s: float, max_context: int) -> Workload:
+    """Every conversation has the same turns: the shape of controlled benchmarks."""
+    starts = arrival_times(rng, conversations, rate)
+    convs = []
+    for c in range(conversations):
+        thinks = think_times(rng, think, think_mean_s, turns)
+        ts = [Turn(prompt_tokens, output_tokens, 0.0 if i == 0 else float(thinks[i])) for i in range(turns)]
+        convs.append(Conversation(f"c{c}", float(starts[c]), cap_context(ts, max_context)))
+    return Workload(convs)
+
+
+def load_trace(path: Path, max_context: int) -> Workload:
+    """A JSONL trace: one turn per line with conversation, turn, prompt_tokens, output_tokens,
+    optional think_s and (on turn 0) start_s."""
+    convs: dict[str, Conversation] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise WorkloadError(f"{path}: cannot be read: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            conv_id = str(row["conversation"])
+            turn = Turn(int(row["prompt_tokens"]), int(row["output_tokens"]), float(row.get("think_s", 0.0)))
+            if turn.prompt_tokens < 0 or turn.output_tokens < 1:
+                raise ValueError("prompt_tokens must be >= 0 and output_tokens >= 1")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WorkloadError(f"{path}:{number}: bad trace line ({exc}); expected keys conversation, turn, "
+                                "prompt_tokens, output_tokens[, think_s, start_s]") from None
+        conv = convs.setdefault(conv_id, Conversation(conv_id, float(row.get("start_s", 0.0))))
+        conv.turns.append(turn)
+    if not convs:
+        raise WorkloadError(f"{path}: the trace has no turns")
+    for conv in convs.values():
+        conv.turns = cap_context(conv.turns, max_context)
+    return Workload([c for c in convs.values() if c.turns])
+
+
+def count_tokens(text: str, tokenizer=None) -> int:
+    """Tokens in `text`: the tokenizer's count when given, else the characters-per-token estimate."""
+    if tokenizer is not None:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+    return max(1, round(len(text) / CHARS_PER_TOKEN))
+
+
+def load_sharegpt(path: Path, rng: np.random.Generator, rate: float, think: str, think_mean_s: float,
+                  max_context: int, on_error: str = "skip", limit: int | None = None, tokenizer=None) -> Workload:
+    """A ShareGPT-format JSON file: a list of {id, conversations: [{from: human|gpt, value}, ...]}.
+
+    Each human message followed by a gpt answer is one turn. A malformed entry is reported with
+    its position and skipped, or refused (`on_error: refuse`).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise WorkloadError(f"{path}: cannot be read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise WorkloadError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise WorkloadError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
+    convs, skipped = [], []
+    for position, entry in enumerate(data):
+        if limit is not None and len(convs) >= limit:
+            break
+        try:
+            turns = _sharegpt_turns(entry, tokenizer)
+        except ValueError as exc:
+            where = f"{path}: entry {position}: {exc}"
+            if on_error == "refuse":
+                raise WorkloadError(where) from None
+            skipped.append(where)
+            continue
+        conv_id = str(entry.get("id", position))
+        convs.append(Conversation(conv_id, 0.0, cap_context(turns, max_context)))
+    convs = [c for c in convs if c.turns]
+    if not convs:
+        raise WorkloadError(f"{path}: no usable conversation")
+    starts = arrival_times(rng, len(convs), rate)
+    for conv, start in zip(convs, starts):
+        conv.start_s = float(start)
+        thinks = think_times(rng, think, think_mean_s, len(conv.turns))
+        for i, turn in enumerate(conv.turns):
+            turn.think_s = 0.0 if i == 0 else float(thinks[i])
+    return Workload(convs, skipped)
+
+
+def _sharegpt_turns(entry, tokenizer) -> list[Turn]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
+        raise ValueError("not an object with a 'conversations' list")
+    turns, pending = [], None
+    for i, message in enumerate(entry["conversations"]):
+        if not isinstance(message, dict) or "from" not in message or not isinstance(message.get("value"), str):
+            raise ValueError(f"message {i} lacks 'from' or a text 'value'")
+        role = message["from"]
+        if role in ("human", "user"):
+            pending = count_tokens(message["value"], tokenizer)
+        elif role in ("gpt", "assistant", "chatgpt"):
+            if pending is not None:
+                turns.append(Turn(pending, count_tokens(message["value"], tokenizer)))
+                pending = None
+        elif role != "system":
+            raise ValueError(f"message {i} has unknown role {role!r} (human, gpt, system)")
+    if not turns:
+        raise ValueError("no human message followed by an answer")
+    return turns
+
+
+def build_workload(cfg, rng: np.random.Generator, tokenizer=None) -> Workload:
+    """The workload a scenario's `workload:` section describes."""
+    if cfg.type == "synthetic":
+        preset = PRESETS[cfg.preset]
+        return synthetic(rng, cfg.conversations, cfg.arrival_rate, cfg.turns_mean or preset["turns_mean"],
+                         cfg.prompt_mean or preset["prompt_mean"], cfg.output_mean or preset["output_mean"],
+                         cfg.prompt_sigma, cfg.output_sigma, cfg.think_time, cfg.think_time_s, cfg.max_context)
+    if cfg.type == "fixed":
+        return fixed(rng, cfg.conversations, cfg.arrival_rate, cfg.turns, cfg.prompt_tokens, cfg.output_tokens,
+                     cfg.think_time, cfg.think_time_s, cfg.max_context)
+    if cfg.type == "trace":
+        return load_trace(Path(cfg.path), cfg.max_context)
+    return load_sharegpt(Path(cfg.path), rng, cfg.arrival_rate, cfg.think_time, cfg.think_time_s,
+                         cfg.max_context, cfg.on_error, cfg.conversations, tokenizer)

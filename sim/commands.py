@@ -1,0 +1,117 @@
+"""Handlers of `pensieve simulate`, `pensieve sweep` and `pensieve workload`."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pensieve.config import expand_sweep, load_scenario
+from pensieve.core import build_cost_model, build_scheduler
+from pensieve.plots import plot_run, plot_sweep
+from pensieve.results import SUMMARY_COLUMNS, format_table, request_rows, summary_row, write_results
+from pensieve.workload import WorkloadError, build_workload
+
+from .driver import rng_for, simulate
+from .sweep import run_points, throughput_at_target
+
+
+def _check_feasible(scenario, workload, source: str) -> None:
+    """Refuse, before simulating, what cannot run: an empty workload, a cache too small for a turn."""
+    if not workload.conversations:
+        raise WorkloadError(f"{source}: the workload has no conversation")
+    cache = build_scheduler(scenario).cache
+    biggest = max(c.context_tokens for c in workload.conversations)
+    need = -(-biggest // cache.chunk_tokens)
+    if need > cache.device.capacity:
+        raise WorkloadError(
+            f"{source}: cache.device_gb holds {cache.device.capacity} chunks of {cache.chunk_tokens} tokens, but a "
+            f"conversation reaches {biggest} tokens ({need} chunks); raise cache.device_gb or lower "
+            "workload.max_context")
+
+
+def simulate_command(args) -> int:
+    scenario = load_scenario(args.scenario)
+    if args.seed is not None:
+        scenario = scenario.model_copy(update={"seed": args.seed})
+    workload = build_workload(scenario.workload, rng_for(scenario))
+    for problem in workload.skipped:
+        print(f"skipped: {problem}")
+    _check_feasible(scenario, workload, args.scenario)
+    cost = build_cost_model(scenario, args.scenario)
+    run = simulate(scenario, workload, cost, progress=not args.quiet)
+    out = Path(args.out or Path("results") / scenario.name)
+    write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline)
+    plot_run(out, run.summary, request_rows(run.finished), run.timeline)
+    print(format_table([summary_row(run.summary)], SUMMARY_COLUMNS))
+    if run.interrupted:
+        print(f"interrupted: wrote the {run.summary['requests']} finished requests")
+    print(f"results: {out}/ (summary.json, requests.csv, scenario.yaml, timeline.csv, plots)")
+    return 130 if run.interrupted else 0
+
+
+def sweep_command(args) -> int:
+    scenario = load_scenario(args.scenario)
+    out = Path(args.out or Path("results") / f"{scenario.name}-sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    target = args.target or scenario.latency_target_ms
+    points = expand_sweep(scenario, args.scenario)
+    jobs = args.jobs or os.cpu_count() or 1
+    rows = []
+    try:
+        with tqdm(total=len(points), desc="sweep", unit="point") as bar:
+            rows = run_points(points, args.scenario, jobs, args.ray, bar)
+    except KeyboardInterrupt:
+        print("interrupted: writing the points that finished")
+    table = [{k: v for k, v in row.items() if k != "summary"} for row in rows]
+    if table:
+        with open(out / "sweep.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        (out / "summaries.json").write_text(json.dumps([row["summary"] for row in rows], indent=1))
+        plot_sweep(out, table, target)
+        axes = list(scenario.sweep)
+        print(format_table(table, [(a, a) for a in axes] + SUMMARY_COLUMNS))
+    if args.search:
+        if not target:
+            raise ValueError(f"{args.scenario}: --search needs a latency target (--target or latency_target_ms)")
+        results = _search(scenario, args, points, target, jobs)
+        (out / "throughput_at_target.json").write_text(json.dumps(results, indent=1, default=str))
+        print(f"\nthroughput at {target} ms/token ({args.metric} normalized latency):")
+        for policy, best in results.items():
+            print(f"  {policy:>18}: " + (f"{best['throughput_rps']:.3f} req/s at arrival rate "
+                                         f"{best['arrival_rate']:.4g}/s" if best else "target not met"))
+    print(f"results: {out}/")
+    return 0
+
+
+def _search(scenario, args, points, target: float, jobs: int) -> dict:
+    """Throughput at the latency target per distinct policy among the sweep's points."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    by_policy = {}
+    for _, point in points:
+        by_policy.setdefault(point.cache.policy.type, point)
+    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(by_policy)))) as pool:
+        futures = {p: pool.submit(throughput_at_target, s, args.scenario, target, 6, args.metric)
+                   for p, s in by_policy.items()}
+        found = {p: f.result() for p, f in futures.items()}
+    return {p: ({k: v for k, v in r["best"].items() if k != "summary"} if r["best"] else None)
+            for p, r in found.items()}
+
+
+def workload_command(args) -> int:
+    """Draw or read a scenario's workload and write it as a JSONL trace, with a few statistics."""
+    scenario = load_scenario(args.scenario)
+    workload = build_workload(scenario.workload, rng_for(scenario))
+    for problem in workload.skipped:
+        print(f"skipped: {problem}")
+    workload.to_trace(Path(args.out))
+    turns = [t for c in workload.conversations for t in c.turns]
+    print(f"{len(workload.conversations)} conversations, {len(turns)} turns; mean turns "
+          f"{len(turns) / len(workload.conversations):.2f}, mean prompt {sum(t.prompt_tokens for t in turns) / len(turns):.1f}"
+          f", mean output {sum(t.output_tokens for t in turns) / len(turns):.1f} tokens -> {args.out}")
+    return 0

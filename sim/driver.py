@@ -1,0 +1,131 @@
+"""The SimPy driver: conversations as processes, one server process running the core's loop.
+
+The server does exactly what the real executor's loop does (`schedule`, execute, `complete`)
+with the same scheduler, cache and policy objects; only the step's duration comes from the
+cost model instead of a device.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+from tqdm import tqdm
+
+from pensieve.config import Scenario
+from pensieve.cost import CostModel
+from pensieve.core import build_scheduler
+from pensieve.request import Request
+from pensieve.results import summarize
+from pensieve.scheduler import Scheduler
+from pensieve.workload import Conversation, Workload
+
+# Cache occupancy is sampled this often (simulated seconds) for the occupancy plot.
+TIMELINE_EVERY_S = 1.0
+
+
+@dataclass
+class SimRun:
+    summary: dict
+    finished: list[Request]
+    timeline: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+class _Server:
+    """Runs the core's loop on simulated time; wakes when a turn arrives while it is idle."""
+
+    def __init__(self, env: simpy.Environment, sched: Scheduler, cost: CostModel, progress) -> None:
+        self.env = env
+        self.sched = sched
+        self.cost = cost
+        self.progress = progress
+        self.wake = env.event()
+        self.done_events: dict[int, simpy.Event] = {}
+        self.timeline: list[dict] = []
+        self._next_sample = 0.0
+        self.steps = 0
+
+    def submit(self, request: Request) -> simpy.Event:
+        self.sched.add_request(request)
+        done = self.done_events[request.id] = self.env.event()
+        if not self.wake.triggered:
+            self.wake.succeed()
+        return done
+
+    def run(self):
+        env, sched, cost = self.env, self.sched, self.cost
+        chunk_tokens = sched.cache.chunk_tokens
+        while True:
+            plan = sched.schedule(env.now)
+            if plan.empty:
+                self.wake = env.event()
+                yield self.wake
+                continue
+            yield env.timeout(cost.step_time_s(plan, chunk_tokens))
+            finished = sched.complete(plan, None, env.now)
+            self.steps += 1
+            for r in finished:
+                self.done_events.pop(r.id).succeed()
+            if finished:
+                self.progress.update(len(finished))
+            if env.now >= self._next_sample:
+                self._sample()
+
+    def _sample(self) -> None:
+        cache = self.sched.cache
+        self.timeline.append({
+            "time_s": self.env.now, "device_used": cache.device.used, "device_capacity": cache.device.capacity,
+            "host_used": cache.host.used, "host_capacity": cache.host.capacity,
+            "running": len(self.sched.running), "waiting": len(self.sched.waiting),
+        })
+        self._next_sample = self.env.now + TIMELINE_EVERY_S
+
+
+def _conversation(env: simpy.Environment, server: _Server, conv: Conversation, ids):
+    """A user: sends a turn, waits for the whole answer, thinks, sends the next."""
+    yield env.timeout(conv.start_s)
+    for i, turn in enumerate(conv.turns):
+        if i and turn.think_s:
+            yield env.timeout(turn.think_s)
+        request = Request(next(ids), conv.id, i, env.now, turn.prompt_tokens, turn.output_tokens)
+        yield server.submit(request)
+
+
+def simulate(scenario: Scenario, workload: Workload, cost: CostModel, progress: bool = True,
+             until_s: float = math.inf) -> SimRun:
+    """Replay `workload` through the scenario's core on simulated time. Ctrl-C keeps what finished."""
+    sched = build_scheduler(scenario, cost)
+    env = simpy.Environment()
+    bar = tqdm(total=workload.requests, desc=f"simulate {scenario.cache.policy.type}", unit="req",
+               disable=not progress, mininterval=0.5)
+    server = _Server(env, sched, cost, bar)
+    ids = iter(range(10**12))
+    for conv in workload.conversations:
+        env.process(_conversation(env, server, conv, ids))
+    env.process(server.run())
+    wall = time.perf_counter()
+    interrupted = False
+    try:
+        env.run(until=None if math.isinf(until_s) else until_s)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    wall = time.perf_counter() - wall
+    cache = sched.cache
+    summary = summarize(
+        sched.finished, "sim", cache.policy.name, wall, cache.stats.swap_in_chunks, cache.stats.swap_out_chunks,
+        cache.bytes_per_chunk,
+        extra={"steps": server.steps, "dropped_chunks": cache.stats.dropped_chunks,
+               "device_slots": cache.device.capacity, "host_slots": cache.host.capacity,
+               "interrupted": interrupted, "unfinished": workload.requests - len(sched.finished)},
+    )
+    return SimRun(summary, sched.finished, server.timeline, interrupted)
+
+
+def rng_for(scenario: Scenario) -> np.random.Generator:
+    """One seeded generator per scenario, so the same scenario draws the same workload."""
+    return np.random.default_rng(scenario.seed)

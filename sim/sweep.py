@@ -1,0 +1,105 @@
+"""Sweeps: scenario points run in parallel processes (or on a Ray cluster), and throughput at a
+latency target found by bisection over arrival rates, the paper's headline metric."""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ProcessPoolExecutor
+
+from pensieve.config import Scenario, parse_scenario
+from pensieve.core import build_cost_model
+from pensieve.results import summary_row
+from pensieve.workload import build_workload
+
+from .driver import rng_for, simulate
+
+
+def run_point(scenario_data: dict, source: str, point: dict) -> dict:
+    """Simulate one scenario (given as plain data so it crosses process boundaries); a table row."""
+    scenario = parse_scenario(scenario_data, source)
+    workload = build_workload(scenario.workload, rng_for(scenario))
+    run = simulate(scenario, workload, build_cost_model(scenario, source), progress=False)
+    return {**summary_row(run.summary, **point), "arrival_rate": scenario.workload.arrival_rate,
+            "summary": run.summary}
+
+
+def run_points(points: list[tuple[dict, Scenario]], source: str, jobs: int, ray_address: str | None = None,
+               progress=None) -> list[dict]:
+    """Every point of a sweep, in parallel; rows come back in the points' order."""
+    payloads = [(scenario.model_dump(), source, point) for point, scenario in points]
+    if ray_address:
+        return _run_on_ray(payloads, ray_address, progress)
+    if jobs <= 1 or len(payloads) == 1:
+        rows = []
+        for payload in payloads:
+            rows.append(run_point(*payload))
+            if progress:
+                progress.update(1)
+        return rows
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_point, *payload) for payload in payloads]
+        rows = []
+        for future in futures:
+            rows.append(future.result())
+            if progress:
+                progress.update(1)
+        return rows
+
+
+def _run_on_ray(payloads: list[tuple], address: str, progress) -> list[dict]:
+    """Run the points as Ray tasks on an existing cluster (`ray start --head` prints its address)."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ValueError("--ray needs the ray package: pip install 'ray[default]'") from exc
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(run_point)
+    refs = [remote.remote(*payload) for payload in payloads]
+    rows = []
+    for ref in refs:
+        rows.append(ray.get(ref))
+        if progress:
+            progress.update(1)
+    return rows
+
+
+def throughput_at_target(scenario: Scenario, source: str, target_ms: float, iterations: int = 6,
+                         metric: str = "mean") -> dict:
+    """The largest arrival rate whose normalized latency (`metric`: mean or p90) stays under target.
+
+    Doubles or halves from the scenario's rate to bracket the target, then bisects; returns the
+    best passing point's row (with its measured throughput) and the rates tried.
+    """
+    tried: list[dict] = []
+
+    def evaluate(rate: float) -> dict:
+        data = scenario.model_dump(exclude={"sweep"})
+        data["workload"]["arrival_rate"] = rate
+        row = run_point(data, source, {"policy": scenario.cache.policy.type})
+        row["passes"] = row["summary"]["normalized_latency_ms"][metric] <= target_ms
+        tried.append(row)
+        return row
+
+    rate = scenario.workload.arrival_rate
+    if math.isinf(rate):
+        raise ValueError(f"{source}: workload.arrival_rate must be finite to search for the throughput at a target")
+    row = evaluate(rate)
+    lo, hi = (row, None) if row["passes"] else (None, row)
+    for _ in range(12):
+        if lo is not None and hi is not None:
+            break
+        rate = rate * 2 if hi is None else rate / 2
+        row = evaluate(rate)
+        if row["passes"]:
+            lo = row if lo is None or rate > lo["arrival_rate"] else lo
+        else:
+            hi = row if hi is None or rate < hi["arrival_rate"] else hi
+    if lo is None:
+        return {"policy": scenario.cache.policy.type, "best": None, "tried": tried}
+    for _ in range(iterations if hi is not None else 0):
+        mid = math.sqrt(lo["arrival_rate"] * hi["arrival_rate"])
+        row = evaluate(mid)
+        if row["passes"]:
+            lo = row
+        else:
+            hi = row
+    return {"policy": scenario.cache.policy.type, "best": lo, "tried": tried}
