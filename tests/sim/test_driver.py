@@ -1,0 +1,101 @@
+"""The simulator: same scenario and seed give the same summary; results folders; infeasible input."""
+import json
+
+import pytest
+
+from pensieve.config import parse_scenario
+from pensieve.workload import Conversation, Turn, Workload, build_workload
+from sim.driver import rng_for, simulate
+
+from .helpers import AffineCost
+
+BASE = {
+    "name": "t",
+    "seed": 7,
+    "model": "smollm2-135m",
+    "cache": {"device_gb": 0.4, "host_gb": 0.4, "policy": "pensieve"},
+    "workload": {"type": "synthetic", "conversations": 40, "arrival_rate": 1.0, "think_time_s": 5},
+}
+
+
+def run(data):
+    scenario = parse_scenario(data)
+    return simulate(scenario, build_workload(scenario.workload, rng_for(scenario)), AffineCost(), progress=False)
+
+
+def strip_wall(summary):
+    return {k: v for k, v in summary.items() if k != "wall_s"}
+
+
+def test_same_scenario_and_seed_same_summary():
+    a, b = run(BASE), run(BASE)
+    assert strip_wall(a.summary) == strip_wall(b.summary)
+    c = run({**BASE, "seed": 8})
+    assert strip_wall(c.summary) != strip_wall(a.summary)
+
+
+def test_every_turn_finishes_and_the_books_balance():
+    r = run(BASE)
+    s = r.summary
+    assert s["unfinished"] == 0 and s["requests"] == len(r.finished) > 40
+    t = s["tokens"]
+    assert t["gpu_hit"] + t["cpu_hit"] + t["recomputed"] == t["history"]
+    assert abs(sum(s["hit_rate"].values()) - 1) < 1e-9
+    assert s["swap_bytes"]["out"] > 0  # the small cache was under pressure
+    for req in r.finished:  # a later turn is sent only after the previous answer plus think time
+        assert req.first_token >= req.arrival and req.finish >= req.first_token
+
+
+def test_policies_differ_as_expected_under_pressure():
+    results = {p: run({**BASE, "cache": {**BASE["cache"], "policy": p}}).summary for p in
+               ("pensieve", "pensieve-gpu", "stateless")}
+    assert results["stateless"]["hit_rate"]["miss"] == 1.0
+    assert results["pensieve-gpu"]["hit_rate"]["cpu"] == 0.0
+    assert results["pensieve"]["hit_rate"]["miss"] < results["pensieve-gpu"]["hit_rate"]["miss"]
+    assert results["pensieve"]["tokens"]["recomputed"] < results["stateless"]["tokens"]["recomputed"]
+
+
+def test_think_time_is_respected():
+    scenario = parse_scenario(BASE)
+    workload = Workload([Conversation("a", 1.0, [Turn(10, 5), Turn(10, 5, think_s=30.0)])])
+    r = simulate(scenario, workload, AffineCost(), progress=False)
+    first, second = sorted(r.finished, key=lambda q: q.turn)
+    assert first.arrival == 1.0 and second.arrival == pytest.approx(first.finish + 30.0)
+
+
+def test_simulate_command_writes_the_results_folder(tmp_path, monkeypatch):
+    import yaml
+
+    from pensieve.cli import main
+    from sim import commands
+
+    monkeypatch.setattr(commands, "build_cost_model", lambda scenario, source: AffineCost())
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    out = tmp_path / "out"
+    assert main(["simulate", str(path), "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("mode", "policy", "requests", "duration_s", "wall_s", "throughput_rps", "output_tokens_per_s",
+                "normalized_latency_ms", "ttft_s", "tokens", "hit_rate", "swap_bytes"):
+        assert key in summary
+    rows = (out / "requests.csv").read_text().splitlines()
+    assert len(rows) == summary["requests"] + 1
+    for name in ("scenario.yaml", "timeline.csv", "hit_rates.png", "ttft_by_turn.png", "occupancy.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_infeasible_scenarios_are_refused_before_simulating(tmp_path):
+    import yaml
+
+    from pensieve.cli import main
+
+    tiny = {**BASE, "cache": {"device_gb": 0.005, "host_gb": 0}, "workload": {**BASE["workload"], "max_context": 4096}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny))
+    assert main(["simulate", str(path), "--quiet", "--out", str(tmp_path / "o")]) == 2
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    path.write_text(yaml.safe_dump({**BASE, "workload": {"type": "trace", "path": str(empty)}}))
+    assert main(["simulate", str(path), "--quiet", "--out", str(tmp_path / "o")]) == 2
+    path.write_text(yaml.safe_dump({**BASE, "workload": {**BASE["workload"], "arrival_rate": 0}}))
+    assert main(["simulate", str(path), "--quiet", "--out", str(tmp_path / "o")]) == 2
