@@ -70,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(handler="pensieve.bench:main")
 
+    p = sub.add_parser("run", help="serve a scenario's workload on the real model, in wall-clock time")
+    p.add_argument("scenario", help="scenario YAML")
+    p.add_argument("--policy", action="append", default=None,
+                   help="policy to run (repeat or comma-separate to compare several in one run; default: the scenario's)")
+    p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>-real)")
+    p.add_argument("--device", default=None, help="override the scenario's run.device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler="executor.realtime:run_command")
+
+    p = sub.add_parser("validate", help="run a scenario for real and in simulation; report how far apart they are")
+    p.add_argument("scenario", help="scenario YAML naming a measured profile of this device")
+    p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>-validate)")
+    p.add_argument("--device", default=None, help="override the scenario's run.device")
+    p.add_argument("--max-error", type=float, default=None,
+                   help="exit 1 when throughput or mean latency differ by more than this fraction")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler="sim.validate:validate_command")
+
     p = sub.add_parser("profile", help="measure a device's cost model (attention per chunk, batch compute, copies)")
     p.add_argument("--model", default=None, help="as for chat; random:<preset> profiles an architecture without weights")
     p.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when available, else cpu)")

@@ -65,6 +65,15 @@ class Workload:
                     out.write(json.dumps(row) + "\n")
 
 
+def scale_think_times(workload: Workload, time_scale: float) -> Workload:
+    """The same workload with think times divided by `time_scale` (to shorten real runs)."""
+    if time_scale == 1:
+        return workload
+    convs = [Conversation(c.id, c.start_s, [Turn(t.prompt_tokens, t.output_tokens, t.think_s / time_scale)
+                                            for t in c.turns]) for c in workload.conversations]
+    return Workload(convs, workload.skipped)
+
+
 def cap_context(turns: list[Turn], max_context: int) -> list[Turn]:
     """Keep the leading turns whose whole context fits `max_context`; the conversation ends there.
 

@@ -1,0 +1,209 @@
+"""`pensieve run`: a scenario's workload served by the real engine in wall-clock time.
+
+New conversations start at their arrival times; each next turn is sent when the previous
+answer is complete plus the (time-scaled) think time. Every turn generates exactly its trace's
+output length (EOS ignored) so that a real run and its simulation do the same work.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pensieve.config import Scenario
+from pensieve.plots import plot_run
+from pensieve.results import request_rows, summarize, write_results
+from pensieve.workload import Workload
+
+from .engine import Engine, EngineConfig
+from .models import LoadedModel
+
+# Synthetic prompts avoid the lowest ids, where tokenizers keep their special tokens.
+FIRST_PLAIN_TOKEN = 256
+TIMELINE_EVERY_S = 0.5
+
+
+@dataclass
+class RealRun:
+    summary: dict
+    finished: list
+    timeline: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)  # per step: the plan's counts and its measured time
+    outputs: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def engine_config(scenario: Scenario, policy: str | None = None) -> EngineConfig:
+    s, c = scenario.scheduler, scenario.cache
+    return EngineConfig(
+        policy=policy or c.policy.type, device_cache_gb=c.device_gb, host_cache_gb=c.host_gb,
+        chunk_tokens=c.chunk_tokens, max_batch_tokens=s.max_batch_tokens, max_batch_requests=s.max_batch_requests,
+        decode_reserve=s.decode_reserve, swap_out_threshold=s.swap_out_threshold, seed=scenario.seed,
+    )
+
+
+def prompt_ids(seed: int, conversation: str, turn: int, length: int, vocab: int) -> list[int]:
+    """Deterministic synthetic token ids for one turn's new prompt."""
+    rng = np.random.default_rng([seed, abs(hash(conversation)) % (2**32), turn])
+    return rng.integers(FIRST_PLAIN_TOKEN, vocab, length).tolist()
+
+
+def step_record(plan, duration_s: float) -> dict:
+    """What the replay check needs of a step: its composition and how long it really took."""
+    return {
+        "decodes": len(plan.decodes), "decode_context_tokens": plan.decode_context_tokens,
+        "prefills": [[list(map(list, p.spans)), p.context_tokens] for p in plan.prefills],
+        "swap_in": len(plan.swap_in), "swap_out": len(plan.swap_out), "duration_s": duration_s,
+    }
+
+
+def serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: str | None = None,
+          progress: bool = True, cost_model=None) -> RealRun:
+    """Serve `workload` in wall-clock time; Ctrl-C stops and keeps the turns that finished.
+
+    Think times are taken as given: scale them first (`scale_think_times`) to shorten a run.
+    """
+    engine = Engine(loaded, engine_config(scenario, policy), cost_model=cost_model)
+    vocab = loaded.dims["vocab_size"]
+    due: list[tuple[float, int, int]] = []  # (send time, conversation index, turn index)
+    for index, conv in enumerate(workload.conversations):
+        heapq.heappush(due, (conv.start_s, index, 0))
+    steps: list[dict] = []
+    timeline: list[dict] = []
+    next_sample = 0.0
+    bar = tqdm(total=workload.requests, desc=f"run {engine.cache.policy.name}", unit="req", disable=not progress)
+    interrupted = False
+    start = time.perf_counter()
+    try:
+        while due or not engine.scheduler.idle:
+            now = time.perf_counter() - start
+            while due and due[0][0] <= now:
+                send, index, turn = heapq.heappop(due)
+                conv = workload.conversations[index]
+                spec = conv.turns[turn]
+                engine.add_request(conv.id, prompt_ids(scenario.seed, conv.id, turn, spec.prompt_tokens, vocab),
+                                   spec.output_tokens, arrival=now, turn=turn)
+            if engine.scheduler.idle:
+                time.sleep(max(0.0, min(due[0][0] - now, 0.05)))
+                continue
+            plan, finished = engine.step(now)
+            steps.append(step_record(plan, engine.last_step_s))
+            done_at = time.perf_counter() - start
+            for r in finished:
+                r.finish = done_at  # the answer is complete when the step's tokens are back
+                conv = workload.conversations[_index(workload, r.conversation_id)]
+                if r.turn + 1 < len(conv.turns):
+                    heapq.heappush(due, (done_at + conv.turns[r.turn + 1].think_s, _index(workload, conv.id),
+                                         r.turn + 1))
+            if finished:
+                bar.update(len(finished))
+            if done_at >= next_sample:
+                timeline.append(_sample(engine, done_at))
+                next_sample = done_at + TIMELINE_EVERY_S
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    wall = time.perf_counter() - start
+    finished = engine.scheduler.finished
+    cache = engine.cache
+    summary = summarize(
+        finished, "real", cache.policy.name, wall, cache.stats.swap_in_chunks, cache.stats.swap_out_chunks,
+        cache.bytes_per_chunk,
+        extra={"steps": len(steps), "dropped_chunks": cache.stats.dropped_chunks, "device": str(loaded.device),
+               "model": loaded.name, "device_slots": cache.device.capacity, "host_slots": cache.host.capacity,
+               "interrupted": interrupted, "unfinished": workload.requests - len(finished)},
+    )
+    outputs = [{"conversation": r.conversation_id, "turn": r.turn,
+                "prompt_ids": engine.conversation_ids(r.conversation_id)[_prompt_slice(engine, r)],
+                "generated_ids": engine.generated_ids(r.id)} for r in sorted(finished, key=lambda r: r.id)]
+    return RealRun(summary, finished, timeline, steps, outputs, interrupted)
+
+
+def _index(workload: Workload, conversation_id: str) -> int:
+    index = workload.__dict__.setdefault("_index", {c.id: i for i, c in enumerate(workload.conversations)})
+    return index[conversation_id]
+
+
+def _prompt_slice(engine: Engine, request) -> slice:
+    """Where a request's new prompt sits in its conversation's token ids."""
+    start = engine.prompt_start[request.id]
+    return slice(start, start + request.prompt_tokens)
+
+
+def _sample(engine: Engine, now: float) -> dict:
+    cache = engine.cache
+    return {"time_s": now, "device_used": cache.device.used, "device_capacity": cache.device.capacity,
+            "host_used": cache.host.used, "host_capacity": cache.host.capacity,
+            "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
+
+
+def write_run(out: Path, scenario: Scenario, run: RealRun) -> Path:
+    """The results folder of a real run: DESIGN.md's files plus outputs.jsonl and steps.jsonl."""
+    write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline)
+    with open(out / "outputs.jsonl", "w") as f:
+        for row in run.outputs:
+            f.write(json.dumps(row) + "\n")
+    with open(out / "steps.jsonl", "w") as f:
+        for row in run.steps:
+            f.write(json.dumps(row) + "\n")
+    plot_run(out, run.summary, request_rows(run.finished), run.timeline)
+    return out
+
+
+def load_scenario_model(scenario: Scenario, source: str, device: str | None = None) -> LoadedModel:
+    """The model a real run of `scenario` serves; its dimensions must be the scenario's."""
+    from pensieve.models import DEFAULT_MODEL
+
+    from .models import default_device, load_model
+
+    name = scenario.run.model_path
+    if name is None:
+        if scenario.model.name != DEFAULT_MODEL:
+            raise ValueError(f"{source}: run.model_path: say which weights serve model {scenario.model.name!r} "
+                             "(a hub name, a folder, a .gguf file or random:<preset>)")
+    loaded = load_model(name, device or scenario.run.device or default_device(), scenario.run.dtype)
+    for key in ("layers", "kv_heads", "head_dim"):
+        if loaded.dims[key] != getattr(scenario.model, key):
+            raise ValueError(f"{source}: model: the scenario's {key} is {getattr(scenario.model, key)} but "
+                             f"{loaded.name} has {loaded.dims[key]}; make the scenario's model match the weights")
+    return loaded
+
+
+def run_command(args) -> int:
+    """`pensieve run SCENARIO [--policy P ...]`: serve the workload for real, once per policy, and compare."""
+    from pensieve.config import load_scenario
+    from pensieve.core import build_cost_model
+    from pensieve.results import SUMMARY_COLUMNS, format_table, summary_row
+    from pensieve.workload import build_workload, scale_think_times
+    from sim.driver import rng_for
+
+    scenario = load_scenario(args.scenario)
+    workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)
+    loaded = load_scenario_model(scenario, args.scenario, args.device)
+    cost = build_cost_model(scenario, args.scenario)
+    policies = [p for group in (args.policy or [scenario.cache.policy.type]) for p in group.split(",")]
+    base = Path(args.out or Path("results") / f"{scenario.name}-real")
+    rows, status = [], 0
+    for policy in policies:
+        run = serve(scenario, workload, loaded, policy, progress=not args.quiet, cost_model=cost)
+        out = base / policy if len(policies) > 1 else base
+        write_run(out, scenario, run)
+        rows.append(summary_row(run.summary, wall_s=run.summary["wall_s"],
+                                tokens=run.summary["tokens"]["generated"] + run.summary["tokens"]["new_prompt"]))
+        print(f"{policy}: results in {out}/")
+        if run.interrupted:
+            status = 130
+            break
+    for row in rows:
+        row["speedup"] = rows[-1]["wall_s"] / row["wall_s"] if row["wall_s"] else 0.0
+    columns = [("wall s", "wall_s")] + SUMMARY_COLUMNS
+    if len(rows) > 1:
+        columns.append((f"speedup vs {rows[-1]['policy']}", "speedup"))
+    print(format_table(rows, columns))
+    return status

@@ -1,0 +1,171 @@
+"""`pensieve validate`: one workload run for real and in simulation, and how far apart they are.
+
+Both sides get the same workload, seed, policy and cache sizes; nothing in the simulation reads
+the real run's timings. Separately, the real run's own step plans are replayed through the cost
+model, which isolates the per-step prediction error from scheduling divergence.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pensieve.config import Scenario, load_scenario
+from pensieve.core import build_cost_model
+from pensieve.plan import PrefillItem, StepPlan
+from pensieve.results import format_table
+from pensieve.workload import build_workload, scale_think_times
+
+from .driver import rng_for, simulate
+
+# (label, path into summary.json, how it is compared)
+METRICS = [
+    ("throughput (req/s)", ("throughput_rps",), "relative"),
+    ("output tokens/s", ("output_tokens_per_s",), "relative"),
+    ("norm. latency mean (ms)", ("normalized_latency_ms", "mean"), "relative"),
+    ("norm. latency p50 (ms)", ("normalized_latency_ms", "p50"), "relative"),
+    ("norm. latency p90 (ms)", ("normalized_latency_ms", "p90"), "relative"),
+    ("TTFT mean (s)", ("ttft_s", "mean"), "relative"),
+    ("TTFT p90 (s)", ("ttft_s", "p90"), "relative"),
+    ("device hit rate", ("hit_rate", "gpu"), "points"),
+    ("host hit rate", ("hit_rate", "cpu"), "points"),
+    ("miss rate", ("hit_rate", "miss"), "points"),
+    ("recomputed tokens", ("tokens", "recomputed"), "relative"),
+    ("swap-in bytes", ("swap_bytes", "in"), "relative"),
+    ("swap-out bytes", ("swap_bytes", "out"), "relative"),
+]
+
+
+def _get(summary: dict, path: tuple) -> float:
+    value = summary
+    for key in path:
+        value = value[key]
+    return float(value)
+
+
+def compare_summaries(real: dict, sim: dict) -> list[dict]:
+    """Per metric: real, simulated, and the error (relative, or percentage points for rates)."""
+    rows = []
+    for label, path, kind in METRICS:
+        r, s = _get(real, path), _get(sim, path)
+        if kind == "points":
+            error = (s - r) * 100
+        else:
+            error = (s - r) / r if r else (0.0 if s == 0 else float("inf"))
+        rows.append({"metric": label, "real": r, "sim": s, "kind": kind, "error": error})
+    return rows
+
+
+def plan_of(record: dict) -> StepPlan:
+    """A StepPlan with the counts of a recorded real step (ids are irrelevant to the cost model)."""
+    prefills = [PrefillItem(i, i, [tuple(span) for span in spans], context) for i, (spans, context)
+                in enumerate(record["prefills"])]
+    return StepPlan(0, [0] * record["decodes"], record["decode_context_tokens"], prefills,
+                    [(0, 0)] * record["swap_out"], [(0, 0)] * record["swap_in"])
+
+
+def replay_errors(steps: list[dict], cost, chunk_tokens: int) -> dict:
+    """Absolute percentage error of the cost model's step time against each measured real step."""
+    measured = np.array([s["duration_s"] for s in steps])
+    predicted = np.array([cost.step_time_s(plan_of(s), chunk_tokens) for s in steps])
+    ape = np.abs(predicted - measured) / np.maximum(measured, 1e-9)
+    return {"steps": len(steps), "median_ape": float(np.median(ape)) if len(ape) else 0.0,
+            "p90_ape": float(np.percentile(ape, 90)) if len(ape) else 0.0,
+            "measured_total_s": float(measured.sum()), "predicted_total_s": float(predicted.sum()),
+            "_measured": measured.tolist(), "_predicted": predicted.tolist()}
+
+
+def check_profile_device(profile_device: str, real_device: str, source: str) -> None:
+    """Refuse a profile measured on another kind of device than the real run uses."""
+    kind = "cuda" if real_device.startswith("cuda") else "cpu"
+    if not profile_device.lower().startswith(kind) and kind not in profile_device.lower():
+        raise ValueError(f"{source}: profile: measured on {profile_device!r} but the real run uses {real_device!r}; "
+                         "profile this device first (pensieve profile) and name that profile")
+
+
+def validate(scenario: Scenario, source: str, progress: bool = True, device: str | None = None) -> dict:
+    """Run the scenario both ways; the comparison, the replay check and both summaries."""
+    from executor.realtime import load_scenario_model, serve
+
+    if not scenario.profile:
+        raise ValueError(f"{source}: profile: validation needs the profile of the device and model it runs on")
+    cost = build_cost_model(scenario, source)
+    if getattr(cost, "profile", None) is not None and cost.profile.source != "measured":
+        raise ValueError(f"{source}: profile: {scenario.profile} is {cost.profile.source}; validate against a "
+                         "measured profile of this device")
+    loaded = load_scenario_model(scenario, source, device)
+    if getattr(cost, "profile", None) is not None:
+        check_profile_device(cost.profile.device, str(loaded.device), source)
+    workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)
+    real = serve(scenario, workload, loaded, progress=progress, cost_model=cost)
+    sim = simulate(scenario, workload, cost, progress=progress)
+    replay = replay_errors(real.steps, cost, scenario.cache.chunk_tokens)
+    return {"scenario": scenario.name, "policy": scenario.cache.policy.type, "device": str(loaded.device),
+            "profile": scenario.profile, "comparison": compare_summaries(real.summary, sim.summary),
+            "replay": replay, "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
+
+
+def write_validation(out: Path, result: dict, scenario: Scenario) -> Path:
+    """validation.json, both results folders, and two plots."""
+    from executor.realtime import write_run
+    from pensieve.plots import plot_run
+    from pensieve.results import request_rows, write_results
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_run(out / "real", scenario, result["_real_run"])
+    sim = result["_sim_run"]
+    write_results(out / "sim", sim.summary, sim.finished, scenario.model_dump(), sim.timeline)
+    plot_run(out / "sim", sim.summary, request_rows(sim.finished), sim.timeline)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    public["replay"] = {k: v for k, v in result["replay"].items() if not k.startswith("_")}
+    (out / "validation.json").write_text(json.dumps(public, indent=2, default=float) + "\n")
+    _plot(out, result)
+    return out
+
+
+def _plot(out: Path, result: dict) -> None:
+    from pensieve.plots import _pyplot, _save
+
+    plt = _pyplot()
+    rows = result["comparison"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [r["metric"] for r in rows]
+    values = [r["error"] * (100 if r["kind"] == "relative" else 1) for r in rows]
+    ax.barh(labels, values, color=["tab:blue" if r["kind"] == "relative" else "tab:orange" for r in rows])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("simulated - real (% relative; percentage points for rates)")
+    ax.invert_yaxis()
+    ax.set_title(f"validation: {result['scenario']} ({result['policy']})")
+    _save(fig, out / "validation_errors.png")
+    replay = result["replay"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(np.array(replay["_measured"]) * 1e3, np.array(replay["_predicted"]) * 1e3, s=6, alpha=0.5)
+    top = max(replay["_measured"] + replay["_predicted"] + [1e-3]) * 1e3
+    ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+    ax.set_xlabel("measured step time (ms)")
+    ax.set_ylabel("predicted step time (ms)")
+    ax.set_title(f"replay: median error {replay['median_ape']:.1%}")
+    _save(fig, out / "step_time_replay.png")
+
+
+def validate_command(args) -> int:
+    scenario = load_scenario(args.scenario)
+    result = validate(scenario, args.scenario, progress=not args.quiet, device=args.device)
+    out = Path(args.out or Path("results") / f"{scenario.name}-validate")
+    write_validation(out, result, scenario)
+    table = [{"metric": r["metric"], "real": r["real"], "sim": r["sim"],
+              "error": f"{r['error']:+.1%}" if r["kind"] == "relative" else f"{r['error']:+.2f} pt"}
+             for r in result["comparison"]]
+    print(format_table(table, [("metric", "metric"), ("real", "real"), ("sim", "sim"), ("sim vs real", "error")]))
+    replay = result["replay"]
+    print(f"step-time replay over {replay['steps']} real steps: median error {replay['median_ape']:.1%}, "
+          f"p90 {replay['p90_ape']:.1%}")
+    if args.max_error is not None:
+        worst = max(abs(r["error"]) for r in result["comparison"]
+                    if r["kind"] == "relative" and r["metric"].startswith(("throughput", "norm. latency mean")))
+        if worst > args.max_error:
+            print(f"FAIL: throughput / mean latency error {worst:.1%} exceeds {args.max_error:.0%}")
+            return 1
+    print(f"results: {out}/")
+    return 0
