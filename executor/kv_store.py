@@ -51,7 +51,9 @@ class PagedKVStore:
         chunk_shape = (2, chunk_tokens, kv_heads, head_dim)
         # Zero-filled: a padded gather may read slots never written, and a masked-out NaN still poisons softmax @ V.
         self.device_pool = torch.zeros((layers, device_slots, *chunk_shape), dtype=dtype, device=self.device)
-        self.host_pool = torch.zeros((layers, host_slots, *chunk_shape), dtype=dtype, pin_memory=on_cuda)
+        # Left unfilled: a host slot is only read by a swap-in after a swap-out wrote all of it, and
+        # filling gigabytes of host tier would only slow start-up.
+        self.host_pool = torch.empty((layers, host_slots, *chunk_shape), dtype=dtype, pin_memory=on_cuda)
         self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._layer_events: list[Any] = [None] * layers
 

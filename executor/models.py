@@ -83,6 +83,11 @@ class LoadedModel:
     torch_dtype: torch.dtype
 
 
+def default_device() -> str:
+    """cuda:0 when a GPU is visible, else cpu."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """Parse and check a device string; CUDA indices must exist on this machine."""
     try:

@@ -95,10 +95,9 @@ def serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: s
             steps.append(step_record(plan, engine.last_step_s))
             done_at = time.perf_counter() - start
             for r in finished:
-                r.finish = done_at  # the answer is complete when the step's tokens are back
                 conv = workload.conversations[_index(workload, r.conversation_id)]
                 if r.turn + 1 < len(conv.turns):
-                    heapq.heappush(due, (done_at + conv.turns[r.turn + 1].think_s, _index(workload, conv.id),
+                    heapq.heappush(due, (r.finish + conv.turns[r.turn + 1].think_s, _index(workload, conv.id),
                                          r.turn + 1))
             if finished:
                 bar.update(len(finished))

@@ -1,0 +1,253 @@
+"""The serving engine: the pensieve core's loop (schedule, execute, complete) driving a real model.
+
+The core counts tokens and decides where every KV chunk lives; the engine keeps the token ids,
+carries out each plan's copies on the paged KV store, runs one forward for the whole unified
+batch and samples one token per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from executor.kv_store import PagedKVStore
+from executor.models import LoadedModel
+from executor.runner import ModelRunner, SeqInput, sample
+from pensieve.cache import KVCacheManager
+from pensieve.cost import CostModel
+from pensieve.models import DTYPE_BYTES
+from pensieve.plan import StepPlan, StepResult
+from pensieve.policies import make_policy
+from pensieve.request import Request
+from pensieve.scheduler import Scheduler
+from pensieve.tiers import slots_for
+
+# (request ids in batch order, their logits [n, vocab]) after every forward: tests compare logits.
+LogitsHook = Callable[[list[int], torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Cache, scheduler and sampling settings. Slot counts, when given, override the sizes in GB."""
+
+    policy: str = "pensieve"
+    device_cache_gb: float = 1.0
+    host_cache_gb: float = 2.0
+    device_slots: int | None = None  # tests size tiers in chunks, which GB cannot state exactly
+    host_slots: int | None = None
+    chunk_tokens: int = 32
+    max_batch_tokens: int = 2048
+    max_batch_requests: int = 256
+    decode_reserve: float = 0.10
+    swap_out_threshold: float = 0.25
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def kv_bytes_per_token(dims: dict) -> int:
+    """2 (K and V) x layers x kv_heads x head_dim x dtype bytes."""
+    return 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * DTYPE_BYTES[dims["dtype"]]
+
+
+def model_eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    """EOS ids from the tokenizer and the model's generation config (which may list several)."""
+    ids: set[int] = set()
+    sources = [getattr(loaded.tokenizer, "eos_token_id", None), loaded.model.config.eos_token_id]
+    generation = getattr(loaded.model, "generation_config", None)
+    if generation is not None:
+        sources.append(generation.eos_token_id)
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return frozenset(ids)
+
+
+class Engine:
+    """Serves multi-turn conversations on one model with the pensieve core's two-tier KV cache."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), *,
+                 eos_token_ids: frozenset[int] | None = None, cost_model: CostModel | None = None) -> None:
+        """`eos_token_ids` default to the model's; `cost_model` gives the policy its Cost(l) (default: linear)."""
+        self.loaded = loaded
+        self.config = config
+        dims = loaded.dims
+        ct = config.chunk_tokens
+        self.bytes_per_chunk = kv_bytes_per_token(dims) * ct
+        device_slots, host_slots = config.device_slots, config.host_slots
+        if device_slots is None:
+            device_slots = slots_for(config.device_cache_gb, self.bytes_per_chunk)
+        if host_slots is None:
+            host_slots = slots_for(config.host_cache_gb, self.bytes_per_chunk)
+        if device_slots < 1:
+            raise ValueError(
+                f"a device cache of {config.device_cache_gb} GB holds no {ct}-token KV chunk of model "
+                f"{loaded.name} ({self.bytes_per_chunk / 1e6:.3f} MB each); give the device cache (--gpu-cache) "
+                f"at least {self.bytes_per_chunk / 1e9:.6f} GB, and room for whole conversations"
+            )
+        self.max_context = dims["max_context"]
+        cache = KVCacheManager(device_slots, host_slots, ct, make_policy(config.policy, cost_model), self.max_context,
+                               bytes_per_chunk=self.bytes_per_chunk)
+        self.scheduler = Scheduler(cache, config.max_batch_tokens, config.max_batch_requests,
+                                   config.decode_reserve, config.swap_out_threshold, self.max_context)
+        self.cache = cache
+        # Sized from the cache, not the config: policies without a host tier get no host pool.
+        self.store = PagedKVStore.for_model(dims, cache.device.capacity, cache.host.capacity, ct, loaded.device)
+        assert self.store.bytes_per_chunk == self.bytes_per_chunk
+        self.runner = ModelRunner(loaded, self.store)
+        self.eos_token_ids = model_eos_ids(loaded) if eos_token_ids is None else eos_token_ids
+        self.generator = torch.Generator(loaded.device).manual_seed(config.seed)
+        self.logits_hook: LogitsHook | None = None
+        self.requests: dict[int, Request] = {}  # every request ever added, finished ones too
+        self.prefill_s: dict[int, float] = {}  # duration of the step that produced a request's first token
+        self.prompt_start: dict[int, int] = {}  # where a request's prompt begins in its conversation's ids
+        self.last_step_s = 0.0  # wall time of the latest executed step
+        self._ids: dict[Hashable, list[int]] = {}  # conversation -> all its token ids (prompts and answers)
+        self._generated: dict[int, list[int]] = {}
+        self._stop_at_eos: set[int] = set()
+        self._turns: dict[Hashable, int] = {}
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ intake
+    def add_request(self, conversation_id: Hashable, prompt_ids: Sequence[int], max_new_tokens: int,
+                    arrival: float, stop_at_eos: bool = False, turn: int | None = None) -> Request:
+        """Queue the next turn of a conversation: `prompt_ids` follow its history, up to `max_new_tokens` come back.
+
+        Raises ValueError, changing nothing, when the turn cannot fit the model's context or the device tier.
+        """
+        prompt = [int(t) for t in prompt_ids]
+        vocab = self.loaded.dims["vocab_size"]
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"conversation {conversation_id!r}: prompt token ids must be in [0, {vocab})")
+        history = len(self._ids.get(conversation_id, ()))
+        self._check_fits(conversation_id, history, len(prompt), max_new_tokens)
+        turn = self._turns.get(conversation_id, 0) if turn is None else turn
+        request = Request(self._next_id, conversation_id, turn, arrival, len(prompt), max_new_tokens)
+        self.scheduler.add_request(request)  # validates too; raises before changing anything
+        self._next_id += 1
+        ids = self._ids.setdefault(conversation_id, [])
+        self.prompt_start[request.id] = len(ids)
+        ids.extend(prompt)
+        assert request.conversation.tokens == len(ids), (request.conversation.tokens, len(ids))
+        self.requests[request.id] = request
+        self._generated[request.id] = []
+        if stop_at_eos:
+            self._stop_at_eos.add(request.id)
+        self._turns[conversation_id] = turn + 1
+        return request
+
+    def _check_fits(self, conversation_id: Hashable, history: int, prompt: int, max_new_tokens: int) -> None:
+        total = history + prompt + max_new_tokens
+        if total > self.max_context:
+            raise ValueError(
+                f"conversation {conversation_id!r}: {history} history + {prompt} prompt + {max_new_tokens} new "
+                f"tokens = {total} tokens, over the {self.max_context}-token context of model "
+                f"{self.loaded.name}; shorten the prompt, lower max_new_tokens or start a new conversation"
+            )
+        ct, capacity = self.cache.chunk_tokens, self.cache.device.capacity
+        chunks = -(-total // ct)
+        if chunks > capacity:
+            raise ValueError(
+                f"conversation {conversation_id!r}: its {total} tokens need {chunks} KV chunks "
+                f"({chunks * self.bytes_per_chunk / 1e9:.3g} GB) on the device tier, which holds only "
+                f"{capacity} ({capacity * self.bytes_per_chunk / 1e9:.3g} GB); enlarge the device cache "
+                f"(--gpu-cache) to at least {chunks * self.bytes_per_chunk / 1e9:.3g} GB or shorten the turn"
+            )
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, now: float) -> tuple[StepPlan, list[Request]]:
+        """One iteration: the core plans, the model runs, the core applies the sampled tokens.
+
+        Tokens exist once the step has run, so completion is stamped at `now` plus the step's
+        own duration, as the simulator stamps it at the end of the step's simulated time.
+        """
+        plan = self.scheduler.schedule(now)
+        result = self.execute(plan)
+        finished = self.scheduler.complete(plan, result, now + result.duration_s)
+        self._record(plan, result)
+        return plan, finished
+
+    def run_until_idle(self, clock: Callable[[], float] = time.perf_counter) -> list[Request]:
+        """Step until no request waits or runs, reading `now` from `clock`; the requests that finished."""
+        finished: list[Request] = []
+        while not self.scheduler.idle:
+            plan, done = self.step(clock())
+            if plan.empty:  # with work pending the core always runs something; otherwise this never ends
+                raise RuntimeError(f"the scheduler planned an empty step with {len(self.scheduler.waiting)} "
+                                   f"waiting and {len(self.scheduler.running)} running requests")
+            finished += done
+        return finished
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """The backend: the plan's copies (swap-outs, then swap-ins), one forward, one sampled token per request."""
+        start = time.perf_counter()
+        self.store.swap_out(plan.swap_out)
+        self.store.swap_in(plan.swap_in)
+        request_ids, seqs = self._batch(plan)
+        tokens: dict[int, int] = {}
+        if seqs:
+            logits = self.runner.forward(seqs)  # [n, vocab]
+            if self.logits_hook is not None:
+                self.logits_hook(request_ids, logits)
+            cfg = self.config
+            sampled = sample(logits, cfg.temperature, cfg.top_p, self.generator).tolist()  # syncs the device
+            tokens = dict(zip(request_ids, sampled))
+        elif self.store.device.type == "cuda":
+            self.store.synchronize()  # a copies-only step: its time is the copies'
+        stopped = frozenset(rid for rid, t in tokens.items() if rid in self._stop_at_eos and t in self.eos_token_ids)
+        self.last_step_s = time.perf_counter() - start
+        return StepResult(tokens, stopped, self.last_step_s)
+
+    def _batch(self, plan: StepPlan) -> tuple[list[int], list[SeqInput]]:
+        """The forward's sequences: decodes (one token at position kv_tokens), then prefills (their spans)."""
+        requests = self.scheduler.requests
+        request_ids: list[int] = []
+        seqs: list[SeqInput] = []
+        for rid in plan.decodes:
+            conv = requests[rid].conversation
+            pos = conv.kv_tokens
+            seqs.append(SeqInput([self._ids[conv.id][pos]], [pos], list(conv.dev), pos + 1))
+            request_ids.append(rid)
+        for item in plan.prefills:
+            conv = requests[item.request_id].conversation
+            ids = self._ids[conv.id]
+            positions = [p for start, length in item.spans for p in range(start, start + length)]
+            assert positions[-1] == item.context_tokens - 1 == len(ids) - 1, (item, len(ids))
+            seqs.append(SeqInput([ids[p] for p in positions], positions, list(conv.dev), item.context_tokens))
+            request_ids.append(item.request_id)
+        return request_ids, seqs
+
+    def _record(self, plan: StepPlan, result: StepResult) -> None:
+        """Append every sampled token to its conversation and request, as the core has just counted it."""
+        tokens = result.tokens or {}
+        prefills = [item.request_id for item in plan.prefills]
+        for rid in plan.decodes + prefills:
+            request = self.requests[rid]
+            ids = self._ids[request.conversation_id]
+            ids.append(tokens[rid])
+            self._generated[rid].append(tokens[rid])
+            assert request.conversation.tokens == len(ids), (rid, request.conversation.tokens, len(ids))
+            if rid in prefills and rid not in self.prefill_s:
+                self.prefill_s[rid] = result.duration_s
+
+    def end_conversation(self, conversation_id: Hashable) -> None:
+        """Forget a conversation that will not return: its KV chunks on both tiers and its token ids."""
+        if any(r.conversation_id == conversation_id for r in self.scheduler.requests.values()):
+            raise ValueError(f"conversation {conversation_id!r} has an unfinished turn")
+        self.cache.forget(conversation_id)
+        self._ids.pop(conversation_id, None)
+        self._turns.pop(conversation_id, None)
+
+    # ------------------------------------------------------------------ results
+    def generated_ids(self, request_id: int) -> list[int]:
+        """The tokens a request has sampled so far (a stopped one ends with its EOS)."""
+        return list(self._generated[request_id])
+
+    def conversation_ids(self, conversation_id: Hashable) -> list[int]:
+        """All token ids of a conversation so far: every prompt and every sampled token."""
+        return list(self._ids.get(conversation_id, ()))
