@@ -23,6 +23,9 @@ from .request import Conversation
 from .tiers import SlotPool
 
 
+MIN_BATCH = 64
+
+
 @dataclass
 class Restore:
     """What admitting a conversation's request found and must compute."""
@@ -74,8 +77,8 @@ class KVCacheManager:
         # Victims are selected in batches (one scoring pass over idle conversations yields many
         # victims in retention order) because scoring every conversation per evicted chunk is
         # O(conversations); a batch of 1 is exact at every eviction.
-        self._device_batch = max(1, int(eviction_batch * device_slots))
-        self._host_batch = max(1, int(eviction_batch * self.host.capacity))
+        self._device_batch = self._batch_size(eviction_batch, device_slots)
+        self._host_batch = self._batch_size(eviction_batch, self.host.capacity)
         self._device_victims: deque[tuple[Conversation, int]] = deque()
         self._host_victims: deque[tuple[Conversation, int]] = deque()
         # Host slots freed by this step's swap-ins stay unusable until the step ends, so a
@@ -83,6 +86,12 @@ class KVCacheManager:
         self._host_limbo: list[int] = []
         self.stats = CacheStats()
         self.begin_step()
+
+    @staticmethod
+    def _batch_size(fraction: float, slots: int) -> int:
+        """Victims per scoring pass: 0 means exact (one at a time); otherwise a fraction of the
+        tier, but at least MIN_BATCH so that a small tier is not rescored at every eviction."""
+        return 1 if fraction == 0 else max(MIN_BATCH, int(fraction * slots))
 
     # ------------------------------------------------------------------ step boundary
     def begin_step(self) -> None:
@@ -519,8 +528,9 @@ class KVCacheManager:
         chosen = np.lexsort((j, order_of, values))[:budget]
         owner, j = owner[chosen], j[chosen]
         # consecutive picks of one conversation's consecutive chunks form one run
-        starts = np.flatnonzero(np.r_[True, (owner[1:] != owner[:-1]) | (j[1:] != j[:-1] + 1)])
-        lengths = np.diff(np.r_[starts, len(owner)])
+        breaks = (owner[1:] != owner[:-1]) | (j[1:] != j[:-1] + 1)
+        starts = np.concatenate(([0], np.flatnonzero(breaks) + 1))
+        lengths = np.diff(np.concatenate((starts, [len(owner)])))
         return [(convs[o], k, c) for o, k, c in zip(owner[starts].tolist(), j[starts].tolist(), lengths.tolist())]
 
     def _score_chunks(self, orders, firsts, counts, sizes, idles):
