@@ -523,6 +523,14 @@ class KVCacheManager:
                 rebound_at = held + budget
         if not convs:
             return []
+        if held <= budget:  # every collected chunk is picked: only their order is needed
+            score = policy.score
+            picked = sorted(
+                (score(n - 1 - k if trailing else k, t), order, k, conv)
+                for conv, order, first, count, n, t in zip(convs, orders, firsts, counts, sizes, idles)
+                for k in range(first, first + count)
+            )
+            return [(conv, k, 1) for _, _, k, conv in picked]
         values, owner, j = self._score_chunks(orders, firsts, counts, sizes, idles)
         order_of = np.asarray(orders)[owner]
         chosen = np.lexsort((j, order_of, values))[:budget]
