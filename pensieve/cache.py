@@ -220,8 +220,8 @@ class KVCacheManager:
         if not self.host.capacity:
             return
         short = threshold * self.device.capacity - (len(self.device.free) + self.clean_count)
-        if short <= 0:
-            return
+        if short <= 0 or not (self.idle_device or self._device_victims):
+            return  # enough room, or nothing idle to copy out (every device chunk is pinned)
         want = int(short) + self._device_batch  # overshoot by a batch so this runs every few steps
         queue = self._device_victims
         if self.whole_conversation:
