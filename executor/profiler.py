@@ -73,22 +73,22 @@ def _threads(device: torch.device) -> Iterator[None]:
 
 
 # glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-ALLOCATOR = "glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 2 GiB"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+ALLOCATOR = "glibc mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB"
 
 
 def tune_allocator() -> bool:
-    """Keep freed memory mapped between layers (glibc; a no-op returning False elsewhere).
+    """Keep freed memory mapped from one layer to the next (glibc; a no-op returning False elsewhere).
 
-    By default glibc mmaps large temporaries and trims the heap top on free, so the attention's gather and
-    GQA-repeat buffers are page-faulted afresh in every layer: CPU attention over 8K+ gathered KV tokens ran
-    2-7x slower, and erratically. A 32 MiB mmap threshold (glibc's largest) with trimming off keeps them in
-    a heap that stays mapped. The serving engine must run with the same setting for a profile to hold.
+    By default glibc mmaps every large temporary and trims the heap top on free, so the attention's gather,
+    GQA-repeat and score buffers are page-faulted afresh in every layer: CPU attention ran 2-7x slower past
+    ~8K gathered KV tokens, with cliffs between grid points. Serving large blocks from the heap (no mmap)
+    and never trimming it keeps them mapped. The serving engine must run with the same setting for a
+    profile's step times to hold.
     """
-    path = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(path)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError, TypeError):
         return False
 
@@ -346,6 +346,21 @@ class Bench:
         return time.perf_counter() - start
 
 
+def probe_bandwidth(device: torch.device) -> float:
+    """GB/s of copying 64 MiB on `device` (best of 3): how much memory bandwidth other processes leave us.
+
+    Recorded beside a profile and a check, because memory-bound attention on a shared machine swings with it.
+    """
+    src = torch.ones(16 * 2**20, device=device)  # [16M] fp32 = 64 MiB
+    dst = torch.empty_like(src)
+
+    def copy() -> None:
+        dst.copy_(src)
+        _sync(device)
+
+    return 2 * src.nbytes / min(_time(copy, 3, warmup=1)) / 1e9
+
+
 def _stats(samples: list[float]) -> dict[str, float]:
     def r(x: float) -> float:
         return float(f"{x:.4g}")
@@ -414,10 +429,14 @@ def measure_profile(args: Any, device: torch.device) -> dict:
     totals: dict[Forward, list[float]] = defaultdict(list)
     attention: dict[Forward, list[float]] = defaultdict(list)
     passes = grid.warmup + grid.repeats
+    probes = []
     with clock.installed(), tqdm(total=passes * len(forwards), desc=f"profiling {loaded.name}", unit="fwd") as bar:
-        # Whole passes over the grid, so a burst of load elsewhere spreads over points instead of ruining one.
+        # Whole passes over the grid, so a burst of load elsewhere spreads over points instead of ruining one;
+        # shuffled, so each point follows different forwards (as in serving) rather than its grid neighbour.
+        order = random.Random(0)
         for p in range(passes):
-            for f in forwards:
+            probes.append(probe_bandwidth(device))
+            for f in order.sample(forwards, len(forwards)):
                 total, attn = bench.forward(bench.seqs(f), clock)
                 if p >= grid.warmup:
                     totals[f].append(total)
@@ -428,6 +447,7 @@ def measure_profile(args: Any, device: torch.device) -> dict:
     overhead = _time(lambda: sample(logits).tolist(), 50)
     copies = _measure_copies(bench, grid.repeats)
     data = _profile_dict(loaded, device, grid, attention, non_attention, copies, overhead, tuned)
+    data["runtime"]["bandwidth_probe_gb_s"] = _stats(probes[grid.warmup:])
     data["profile_seconds"] = round(time.perf_counter() - began, 1)
     return data
 
@@ -445,9 +465,10 @@ def _profile_dict(loaded: LoadedModel, device: torch.device, grid: Grid, attenti
             prefill_rows[f.queries][f.kv_len] = _stats(samples)
     fresh = {n: non_attention[Forward(n, n)] for n in grid.fresh}
     fresh_median = {n: statistics.median(s) for n, s in fresh.items()}
-    # Each extra sequence adds a logits row and per-sequence metadata: n decodes against one n-token sequence.
-    per_sequence = [(s - fresh_median[f.decodes]) / (f.decodes - 1)
-                    for f, samples in non_attention.items() if f.decodes > 1 for s in samples]
+    # Each extra sequence adds a logits row and per-sequence metadata: n decodes against one n-token sequence,
+    # at the shortest context (at longer ones the decode attention also slows the rest of the forward).
+    per_sequence = [(s - fresh_median[f.decodes]) / (f.decodes - 1) for f, samples in non_attention.items()
+                    if f.decodes > 1 and f.kv_len == grid.kv_lens[0] for s in samples]
     return {
         "format": 1,
         "source": "measured",
@@ -462,10 +483,11 @@ def _profile_dict(loaded: LoadedModel, device: torch.device, grid: Grid, attenti
         "runtime": {"torch_threads": torch.get_num_threads()} | ({"allocator": ALLOCATOR} if tuned else {}),
         "method": (
             f"real ModelRunner forwards over a PagedKVStore (scattered block tables), {grid.warmup} warm-up "
-            f"pass and {grid.repeats} measured passes over the whole grid; attention = time inside the "
-            "registered paged-attention function (all layers, KV write included), non-attention = the rest "
-            "of the same forward; copies = PagedKVStore.swap_out/swap_in of 16 scattered chunks; step "
-            "overhead = sampling and reading the tokens back."
+            f"pass and {grid.repeats} measured passes over the whole grid, each in a new random order; "
+            "attention = time inside the registered paged-attention function (all layers, KV write "
+            "included); non-attention = the rest of a fresh prefill's forward; copies = "
+            "PagedKVStore.swap_out/swap_in of 16 scattered chunks; step overhead = sampling and reading the "
+            "tokens back."
         ),
         "repeats": grid.repeats,
         "tables": {
@@ -619,13 +641,20 @@ def run_check(profile: Profile, args: Any, device: torch.device) -> list[CheckRo
     steps = [_lay_out(b, bench, host_slots) for b in batches]
     cost = ProfileCostModel(profile)
     measured: list[list[float]] = [[] for _ in batches]
+    probes = []
+    order = random.Random(CHECK_SEED)
     with tqdm(total=(repeats + 1) * len(batches), desc="checking", unit="step") as bar:
         for p in range(repeats + 1):  # the first pass warms up
-            for i, (seqs, swap_out, swap_in) in enumerate(steps):
+            probes.append(probe_bandwidth(device))
+            for i in order.sample(range(len(steps)), len(steps)):
+                seqs, swap_out, swap_in = steps[i]
                 elapsed = bench.step(seqs, swap_out, swap_in)
                 if p:
                     measured[i].append(elapsed)
                 bar.update()
+    then = profile.data.get("runtime", {}).get("bandwidth_probe_gb_s", {}).get("median")
+    now = statistics.median(probes[1:])
+    print(f"memory bandwidth probe: {now:.1f} GB/s now" + (f", {then:.1f} GB/s while profiling" if then else ""))
     return [CheckRow(b, statistics.median(m), cost.step_time_s(_plan(i, b, so, si), chunk),
                      cost.step_time_s(_plan(i, b, so, si, padded=True), chunk))
             for i, (b, m, (_, so, si)) in enumerate(zip(batches, measured, steps))]
