@@ -5,10 +5,17 @@ writes the new K/V into the device pool at the tokens' absolute positions, then 
 query token at position p of a sequence attend to that sequence's positions 0..p, gathered
 from the pool through its block table. Query positions may have gaps (a recomputed leading
 span plus a new prompt span); the positions in between must already be in the pool.
+
+Cost notes (CPU, where this runs the benchmark): the gathers copy whole chunks with
+`index_select` (one contiguous block per chunk, K and V separately) instead of indexing token by
+token; grouped-query attention never repeats K/V: decode queries fold their head groups into the
+query length, and multi-token spans use SDPA's `enable_gqa` on CPU; masks are built once per step
+in the query dtype, so the layers do not convert a boolean mask each time.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from executor import native
 from executor.kv_store import PagedKVStore
 
 if TYPE_CHECKING:
@@ -26,24 +34,33 @@ METADATA_KWARG = "paged_attention"
 
 
 @dataclass
-class _Span:
-    """One sequence with several query tokens, attended in its own SDPA call."""
+class _SpanGroup:
+    """Sequences with several query tokens, attended together in one padded SDPA call.
 
-    q_start: int  # its query tokens are packed[q_start:q_end]
-    q_end: int
-    kv_slots: torch.Tensor  # [kv_len] device slot of each position 0..kv_len-1
-    kv_offsets: torch.Tensor  # [kv_len] offset inside the slot
-    mask: torch.Tensor | None  # [q_len, kv_len] bool, True = attend; None: a fresh prefill of positions 0..kv_len-1
+    Padded to `count` x `q_len` query rows over `kv_len` keys; a padded row attends to key 0 only.
+    """
+
+    count: int
+    q_len: int
+    kv_len: int
+    start: int  # dense groups: the rows are packed[start : start + count * q_len], in order, unpadded
+    rows: torch.Tensor | None  # [count * q_len] packed index of each padded row; None: dense
+    valid: torch.Tensor | None  # [real rows] which padded rows are real; None: dense
+    targets: torch.Tensor | None  # [real rows] their packed index; None: dense
+    chunks: torch.Tensor | None  # [count * max_chunks] device slots (padded with 0); None: fresh prefills
+    mask: torch.Tensor | None  # [count, 1, q_len, kv_len] additive (0 / -inf); None: causal over the new K/V
 
 
 @dataclass
 class _Decodes:
     """All single-token queries, attended together in one padded SDPA call."""
 
-    q_index: torch.Tensor  # [n] index of each decode token in the packed batch
-    kv_slots: torch.Tensor  # [n, max_kv] (padding points at slot 0 and is masked)
-    kv_offsets: torch.Tensor  # [n, max_kv]
-    mask: torch.Tensor | None  # [n, 1, 1, max_kv] bool; None when all contexts have the same length
+    q_index: torch.Tensor | slice  # [n] index of each decode token in the packed batch (a slice when contiguous)
+    n: int
+    chunks: torch.Tensor  # [n, max_chunks] device slot of every chunk (padding points at slot 0)
+    kv_lens: torch.Tensor  # [n] int64
+    max_kv: int
+    mask: torch.Tensor | None  # [n, 1, 1, max_kv] additive (0 / -inf); None when all contexts have the same length
 
 
 @dataclass
@@ -53,78 +70,185 @@ class PagedAttentionMetadata:
     store: PagedKVStore
     write_slots: torch.Tensor  # [total_q] device slot where each query token's K/V goes
     write_offsets: torch.Tensor  # [total_q]
-    spans: list[_Span]
+    groups: list[_SpanGroup]
     decodes: _Decodes | None
     max_kv_len: int
 
     @classmethod
-    def build(cls, seqs: Sequence[SeqInput], store: PagedKVStore) -> PagedAttentionMetadata:
-        """Index tensors for a packed batch of `seqs` (positions ascending, block tables covering them)."""
+    def build(cls, seqs: Sequence[SeqInput], store: PagedKVStore,
+              dtype: torch.dtype | None = None) -> PagedAttentionMetadata:
+        """Index tensors for a packed batch of `seqs` (positions ascending, block tables covering them).
+
+        `dtype`: the query dtype, for the additive masks (default: the store's).
+        """
         chunk, device = store.chunk_tokens, store.device
-        write_slots, write_offsets, spans, decodes = [], [], [], []
+        dtype = store.dtype if dtype is None else dtype
+        write_slots: list[int] = []
+        write_offsets: list[int] = []
+        spans: list[_SpanInput] = []
+        decodes: list[tuple[int, list[int], int]] = []
         q_start = max_kv_len = 0
         for seq in seqs:
-            q_len = len(seq.positions)
-            kv_len = seq.positions[-1] + 1 if q_len else 0
-            covered = min(seq.context_len, len(seq.block_table) * chunk)
-            in_range = all(0 <= slot < store.device_slots for slot in seq.block_table)
+            positions, table = seq.positions, seq.block_table
+            q_len = len(positions)
+            kv_len = positions[-1] + 1 if q_len else 0
+            covered = min(seq.context_len, len(table) * chunk)
+            in_range = all(0 <= slot < store.device_slots for slot in table)
             if q_len == 0 or q_len != len(seq.token_ids) or kv_len > covered or not in_range:
                 raise ValueError(
                     f"inconsistent sequence: {len(seq.token_ids)} tokens, {q_len} positions up to {kv_len - 1}, "
                     f"context_len {seq.context_len}, block table {seq.block_table} of {chunk}-token chunks "
                     f"over {store.device_slots} device slots"
                 )
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            positions = torch.tensor(seq.positions, dtype=torch.long)  # [q_len]
-            if positions[0] < 0 or not bool((positions[1:] > positions[:-1]).all()):
+            if positions[0] < 0 or any(b <= a for a, b in zip(positions, positions[1:])):
                 raise ValueError(f"query positions must be ascending and non-negative: {seq.positions}")
-            write_slots.append(table[positions // chunk])
-            write_offsets.append(positions % chunk)
+            write_slots.extend(table[p // chunk] for p in positions)
+            write_offsets.extend(p % chunk for p in positions)
+            used = table[: -(-kv_len // chunk)]
             if q_len == 1:
-                decodes.append((q_start, table, kv_len))
+                decodes.append((q_start, used, kv_len))
             else:
-                kv_pos = torch.arange(kv_len)
-                mask = None if q_len == kv_len else kv_pos[None, :] <= positions[:, None]
-                spans.append(_Span(
-                    q_start, q_start + q_len,
-                    table[kv_pos // chunk].to(device), (kv_pos % chunk).to(device),
-                    None if mask is None else mask.to(device),
-                ))
+                spans.append(_SpanInput(q_start, positions, used, kv_len))
             q_start += q_len
             max_kv_len = max(max_kv_len, kv_len)
         return cls(
             store=store,
-            write_slots=torch.cat(write_slots).to(device),
-            write_offsets=torch.cat(write_offsets).to(device),
-            spans=spans,
-            decodes=_build_decodes(decodes, chunk, device) if decodes else None,
+            write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
+            write_offsets=torch.tensor(write_offsets, dtype=torch.long, device=device),
+            groups=[_build_group(g, chunk, device, dtype) for g in _group_spans(spans)],
+            decodes=_build_decodes(decodes, chunk, device, dtype) if decodes else None,
             max_kv_len=max_kv_len,
         )
 
 
-def _build_decodes(decodes: list[tuple[int, torch.Tensor, int]], chunk: int, device: torch.device) -> _Decodes:
-    """Pad the (query index, block table, context length) of single-token queries into one batch."""
-    max_kv = max(kv_len for _, _, kv_len in decodes)
-    max_chunks = (max_kv + chunk - 1) // chunk
-    tables = torch.zeros(len(decodes), max_chunks, dtype=torch.long)  # [n, max_chunks], padded with slot 0
-    for row, (_, table, kv_len) in enumerate(decodes):
-        used = (kv_len + chunk - 1) // chunk
-        tables[row, :used] = table[:used]
-    kv_pos = torch.arange(max_kv)
-    kv_lens = torch.tensor([kv_len for _, _, kv_len in decodes])
-    same_len = bool((kv_lens == max_kv).all())
-    return _Decodes(
-        q_index=torch.tensor([q for q, _, _ in decodes], dtype=torch.long).to(device),
-        kv_slots=tables[:, kv_pos // chunk].to(device),
-        kv_offsets=(kv_pos % chunk).expand(len(decodes), -1).to(device),
-        mask=None if same_len else (kv_pos[None, :] < kv_lens[:, None])[:, None, None, :].to(device),
+@dataclass
+class _SpanInput:
+    q_start: int
+    positions: list[int]
+    table: list[int]  # the chunks covering 0..kv_len-1
+    kv_len: int
+
+    @property
+    def fresh(self) -> bool:
+        """Positions 0..kv_len-1: its new K/V are all it attends to."""
+        return len(self.positions) == self.kv_len
+
+
+# Spans share one padded SDPA call while the padded work stays within this factor of the real work.
+MAX_PADDING = 1.25
+
+
+def _group_spans(spans: list[_SpanInput]) -> list[list[_SpanInput]]:
+    """Spans in batches: runs of equal fresh prefills packed back to back, then the rest by size."""
+    groups: list[list[_SpanInput]] = []
+    rest: list[_SpanInput] = []
+    for span in spans:
+        last = groups[-1][-1] if groups else None
+        if (span.fresh and last is not None and last.kv_len == span.kv_len
+                and last.q_start + last.kv_len == span.q_start):
+            groups[-1].append(span)
+        elif span.fresh:
+            groups.append([span])
+        else:
+            rest.append(span)
+    singles = [g[0] for g in groups if len(g) == 1]  # a lone fresh span may pad with the others
+    groups = [g for g in groups if len(g) > 1]
+    rest = sorted(rest + singles, key=lambda s: (s.kv_len, len(s.positions)), reverse=True)
+    current: list[_SpanInput] = []
+    for span in rest:
+        candidate = current + [span]
+        q_max = max(len(s.positions) for s in candidate)
+        kv_max = max(s.kv_len for s in candidate)
+        real = sum(len(s.positions) * s.kv_len for s in candidate)
+        if current and len(candidate) * q_max * kv_max > MAX_PADDING * real:
+            groups.append(current)
+            candidate = [span]
+        current = candidate
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _build_group(spans: list[_SpanInput], chunk: int, device: torch.device, dtype: torch.dtype) -> _SpanGroup:
+    count = len(spans)
+    q_len = max(len(s.positions) for s in spans)
+    kv_len = max(s.kv_len for s in spans)
+    first = spans[0].q_start
+    dense = all(len(s.positions) == q_len and s.q_start == first + i * q_len for i, s in enumerate(spans))
+    if dense and all(s.fresh for s in spans):
+        return _SpanGroup(count, q_len, kv_len, first, None, None, None, None, None)
+    max_chunks = -(-kv_len // chunk)
+    chunks: list[int] = []
+    rows: list[int] = []
+    valid: list[int] = []
+    allowed = torch.zeros(count, 1, q_len, kv_len, dtype=torch.bool)
+    allowed[:, :, :, 0] = True  # padded rows: key 0, so that their softmax stays finite
+    for i, span in enumerate(spans):
+        chunks.extend(span.table)
+        chunks.extend([0] * (max_chunks - len(span.table)))  # finite (the pool is zero-filled) and masked out
+        n = len(span.positions)
+        rows.extend(range(span.q_start, span.q_start + n))
+        rows.extend([span.q_start] * (q_len - n))
+        valid.extend(range(i * q_len, i * q_len + n))
+        pos = torch.tensor(span.positions)
+        allowed[i, 0, :n] = torch.arange(kv_len)[None, :] <= pos[:, None]
+    targets = [r for s in spans for r in range(s.q_start, s.q_start + len(s.positions))]
+    tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return _SpanGroup(
+        count, q_len, kv_len, first,
+        None if dense else tensor(rows), None if dense else tensor(valid), None if dense else tensor(targets),
+        tensor(chunks), _additive(allowed, dtype, device),
     )
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A boolean mask (True = attend) as the additive float mask SDPA would convert it to."""
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(~allowed, float("-inf")).to(device)
+
+
+def _build_decodes(decodes: list[tuple[int, list[int], int]], chunk: int, device: torch.device,
+                   dtype: torch.dtype) -> _Decodes:
+    """Pad the (query index, used block table, context length) of single-token queries into one batch."""
+    max_kv = max(kv_len for _, _, kv_len in decodes)
+    max_chunks = -(-max_kv // chunk)
+    chunks: list[int] = []
+    for _, table, _ in decodes:  # padded with slot 0: finite (the pool is zero-filled), and masked out
+        chunks.extend(table)
+        chunks.extend([0] * (max_chunks - len(table)))
+    q_index = [q for q, _, _ in decodes]
+    kv_lens = torch.tensor([kv_len for _, _, kv_len in decodes])
+    n = len(decodes)
+    contiguous = q_index == list(range(q_index[0], q_index[0] + n))
+    return _Decodes(
+        q_index=slice(q_index[0], q_index[0] + n) if contiguous else torch.tensor(q_index, device=device),
+        n=n,
+        chunks=torch.tensor(chunks, dtype=torch.long, device=device).view(n, max_chunks),
+        kv_lens=kv_lens.to(device),
+        max_kv=max_kv,
+        mask=None if bool((kv_lens == max_kv).all()) else
+        _additive(torch.arange(max_kv)[None, :] < kv_lens[:, None], dtype, device)[:, None, None, :],
+    )
+
+
+def _gather(pool: torch.Tensor, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the chunk slots `chunks`, each [len(chunks) * chunk_tokens, kv_heads, head_dim]."""
+    flat = (-1, *pool.shape[-2:])
+    return pool[:, 0].index_select(0, chunks).view(flat), pool[:, 1].index_select(0, chunks).view(flat)
+
+
+def _native_decode(pool: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether the C decode kernel serves this layer: fp32 on the CPU, a head size it handles, and built."""
+    return (pool.device.type == "cpu" and pool.dtype == q.dtype == torch.float32 and pool.is_contiguous()
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and native.decode_kernel() is not None)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
           scale: float) -> torch.Tensor:
-    """SDPA with KV heads repeated for GQA (masked kernels on CUDA do not take `enable_gqa`)."""
+    """SDPA with grouped KV heads: CPU kernels take `enable_gqa`; masked CUDA kernels do not, so repeat there."""
     groups = q.shape[-3] // k.shape[-3]
+    if groups > 1 and q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=-3)
         v = v.repeat_interleave(groups, dim=-3)
@@ -153,25 +277,49 @@ def paged_attention_forward(
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling  # OPT pre-scales its query and passes 1.0
     meta.store.wait_layer(module.layer_idx)
     pool = meta.store.device_pool[module.layer_idx]  # [slots, 2, chunk_tokens, kv_heads, head_dim]
-    new_kv = torch.stack((key[0], value[0])).permute(2, 0, 1, 3)  # [total_q, 2, kv_heads, head_dim]
-    pool[meta.write_slots, :, meta.write_offsets] = new_kv
+    k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [total_q, kv_heads, head_dim]
+    pool[meta.write_slots, 0, meta.write_offsets] = k_new
+    pool[meta.write_slots, 1, meta.write_offsets] = v_new
 
     q = query[0]  # [heads, total_q, head_dim]
-    out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # [total_q, heads, head_dim]
-    for span in meta.spans:
-        if span.mask is None:  # the new K/V are exactly positions 0..q_len-1: skip the gather
-            k, v = key[0, :, span.q_start : span.q_end], value[0, :, span.q_start : span.q_end]
+    heads, total_q, head_dim = q.shape
+    kv_heads = key.shape[1]
+    out = q.new_empty(total_q, heads, head_dim)
+    for g in meta.groups:
+        rows = g.count * g.q_len
+        if g.rows is None:  # [heads, rows, head_dim] -> [count, heads, q_len, head_dim]
+            qg = q[:, g.start : g.start + rows]
         else:
-            kv = pool[span.kv_slots, :, span.kv_offsets]  # [kv_len, 2, kv_heads, head_dim]
-            k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # [kv_heads, kv_len, head_dim]
-        o = _sdpa(q[:, span.q_start : span.q_end], k, v, span.mask, span.mask is None, scale)
-        out[span.q_start : span.q_end] = o.transpose(0, 1)
+            qg = q.index_select(1, g.rows)
+        qg = qg.unflatten(1, (g.count, g.q_len)).transpose(0, 1)
+        if g.chunks is None:  # fresh prefills: the new K/V are exactly positions 0..q_len-1, no gather
+            k = key[0, :, g.start : g.start + rows].unflatten(1, (g.count, g.q_len)).transpose(0, 1)
+            v = value[0, :, g.start : g.start + rows].unflatten(1, (g.count, g.q_len)).transpose(0, 1)
+            o = _sdpa(qg, k, v, None, True, scale)
+        else:
+            k, v = _gather(pool, g.chunks)  # [count * max_chunks * chunk_tokens, kv_heads, head_dim]
+            k = k.view(g.count, -1, kv_heads, head_dim)[:, : g.kv_len].transpose(1, 2)
+            v = v.view(g.count, -1, kv_heads, head_dim)[:, : g.kv_len].transpose(1, 2)
+            o = _sdpa(qg, k, v, g.mask, False, scale)
+        o = o.transpose(1, 2).reshape(rows, heads, head_dim)  # [count * q_len, heads, head_dim]
+        if g.valid is None:
+            out[g.start : g.start + rows] = o
+        else:
+            out[g.targets] = o.index_select(0, g.valid)
     if meta.decodes is not None:
         d = meta.decodes
-        kv = pool[d.kv_slots, :, d.kv_offsets]  # [n, max_kv, 2, kv_heads, head_dim]
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [n, kv_heads, max_kv, head_dim]
-        qd = q[:, d.q_index].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
-        out[d.q_index] = _sdpa(qd, k, v, d.mask, False, scale)[:, :, 0]
+        qd = q[:, d.q_index].transpose(0, 1)  # [n, heads, head_dim]
+        if _native_decode(pool, qd):
+            out[d.q_index] = native.paged_decode(pool, d.chunks, d.kv_lens, qd.contiguous(), scale)
+        else:
+            k, v = _gather(pool, d.chunks.view(-1))
+            shape = (d.n, -1, kv_heads, head_dim)  # -> [n, kv_heads, max_kv, head_dim], views of the gather
+            k = k.view(shape)[:, : d.max_kv].transpose(1, 2)
+            v = v.view(shape)[:, : d.max_kv].transpose(1, 2)
+            # A decode's head groups share their KV head: fold them into the query length, [n, kv_heads, groups, dim].
+            qd = qd.reshape(d.n, kv_heads, heads // kv_heads, head_dim)
+            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=d.mask, scale=scale)
+            out[d.q_index] = o.reshape(d.n, heads, head_dim)
     return out.unsqueeze(0), None
 
 

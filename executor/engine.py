@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from executor.cpu import tune_allocator
 from executor.kv_store import PagedKVStore
 from executor.models import LoadedModel
 from executor.runner import ModelRunner, SeqInput, sample
@@ -96,6 +97,8 @@ class Engine:
         self.scheduler = Scheduler(cache, config.max_batch_tokens, config.max_batch_requests,
                                    config.decode_reserve, config.swap_out_threshold, self.max_context)
         self.cache = cache
+        if loaded.device.type == "cpu":
+            tune_allocator()  # before the first step's temporaries: see executor/cpu.py
         # Sized from the cache, not the config: policies without a host tier get no host pool.
         self.store = PagedKVStore.for_model(dims, cache.device.capacity, cache.host.capacity, ct, loaded.device)
         assert self.store.bytes_per_chunk == self.bytes_per_chunk

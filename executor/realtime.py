@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pensieve.config import Scenario
@@ -20,6 +21,7 @@ from pensieve.plots import plot_run
 from pensieve.results import request_rows, summarize, write_results
 from pensieve.workload import Workload
 
+from .cpu import serving_threads, torch_threads, tune_allocator
 from .engine import Engine, EngineConfig
 from .models import LoadedModel
 
@@ -63,11 +65,22 @@ def step_record(plan, duration_s: float) -> dict:
 
 
 def serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: str | None = None,
-          progress: bool = True, cost_model=None) -> RealRun:
+          progress: bool = True, cost_model=None, threads: int | None = None) -> RealRun:
     """Serve `workload` in wall-clock time; Ctrl-C stops and keeps the turns that finished.
 
     Think times are taken as given: scale them first (`scale_think_times`) to shorten a run.
+    `threads`: torch intra-op threads while serving on the CPU (default: `serving_threads`, i.e.
+    PENSIEVE_THREADS or every available core); the caller's setting is restored afterwards.
     """
+    if loaded.device.type == "cpu":
+        tune_allocator()
+        threads = serving_threads(loaded.dims) if threads is None else threads
+    with torch_threads(threads):
+        return _serve(scenario, workload, loaded, policy, progress, cost_model)
+
+
+def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: str | None, progress: bool,
+           cost_model) -> RealRun:
     engine = Engine(loaded, engine_config(scenario, policy), cost_model=cost_model)
     vocab = loaded.dims["vocab_size"]
     due: list[tuple[float, int, int]] = []  # (send time, conversation index, turn index)
@@ -116,7 +129,8 @@ def serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: s
         cache.bytes_per_chunk,
         extra={"steps": len(steps), "dropped_chunks": cache.stats.dropped_chunks, "device": str(loaded.device),
                "model": loaded.name, "device_slots": cache.device.capacity, "host_slots": cache.host.capacity,
-               "interrupted": interrupted, "unfinished": workload.requests - len(finished)},
+               "interrupted": interrupted, "unfinished": workload.requests - len(finished),
+               "threads": torch.get_num_threads() if loaded.device.type == "cpu" else None},
     )
     outputs = [{"conversation": r.conversation_id, "turn": r.turn,
                 "prompt_ids": engine.conversation_ids(r.conversation_id)[_prompt_slice(engine, r)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 from executor.attention import METADATA_KWARG, PAGED_ATTENTION, PagedAttentionMetadata, register_paged_attention
 from executor.kv_store import PagedKVStore
 from executor.models import LoadedModel
+from executor.native import packed_linears
 
 
 @dataclass
@@ -38,6 +40,8 @@ class ModelRunner:
         self.model = loaded.model
         self.store = store
         self.device = loaded.device
+        # CPU fp32: small batches (decodes) run the linear layers on weights packed once (executor/native.py).
+        self.linears = packed_linears(self.model) if self.device.type == "cpu" else None
         # The attention implementation is switched per call on the one config all modules share,
         # so the model stays a stock transformers model (generate() etc.) outside `forward`.
         assert all(getattr(m, "config", self.model.config) is self.model.config for m in self.model.modules())
@@ -59,10 +63,11 @@ class ModelRunner:
         previous = config._attn_implementation
         config._attn_implementation = PAGED_ATTENTION
         try:
-            out = self.model(
-                input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep,
-                **{METADATA_KWARG: meta},
-            )
+            with self.linears.active() if self.linears is not None else contextlib.nullcontext():
+                out = self.model(
+                    input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep,
+                    **{METADATA_KWARG: meta},
+                )
         finally:
             config._attn_implementation = previous
         return out.logits[0]  # [num_seqs or total_q, vocab]

@@ -49,15 +49,20 @@ class Roofline:
         return {
             "roofline": self.name,
             "description": self.description,
-            "peak_tflop_s": {dtype: flops / 1e12 for dtype, flops in self.peak_flops.items()},
-            "memory_bandwidth_gb_s": self.memory_bandwidth / 1e9,
-            "link_bandwidth_gb_s": self.link_bandwidth / 1e9,
+            "peak_tflop_s": {dtype: _round(flops / 1e12) for dtype, flops in self.peak_flops.items()},
+            "memory_bandwidth_gb_s": _round(self.memory_bandwidth / 1e9),
+            "link_bandwidth_gb_s": _round(self.link_bandwidth / 1e9),
             "compute_efficiency": self.compute_efficiency,
             "memory_efficiency": self.memory_efficiency,
-            "launch_s": self.launch_s,
+            "launch_s": _round(self.launch_s),
             "kernels_per_layer": KERNELS_PER_LAYER,
             "sources": list(self.sources),
         }
+
+
+def _round(x: float) -> float:
+    """Four significant digits: what a table point means, and diffs stay readable."""
+    return float(f"{x:.4g}")
 
 
 # Efficiencies are assumptions, not datasheet figures: large fp16 GEMMs and FlashAttention-2 forward
@@ -170,10 +175,7 @@ def analytical_profile(
     kv_lens = _powers(chunk_tokens, max_context)
     layers = spec.layers
     chunk_s = copy_chunk_s(spec, roof, chunk_tokens)
-
-    def r(x: float) -> float:
-        return float(f"{x:.4g}")
-
+    r = _round
     copy = {
         "chunk_s": r(chunk_s),
         "layer_chunk_s": r(chunk_s / layers),

@@ -45,7 +45,8 @@ def test_quick_profile_writes_every_table(tiny_profile):
 def test_check_runs_mixed_batches_against_the_profile(tiny_profile, capsys):
     profile = load_profile(tiny_profile)
     rows = profiler.run_check(profile, args("--quick"), torch.device("cpu"))
-    assert len(rows) == 6 and all(r.measured_s > 0 and r.predicted_s > 0 for r in rows)
+    assert len(rows) == 6 + 3 and all(r.measured_s > 0 and r.predicted_s > 0 for r in rows)
+    assert [r.anchor for r in rows] == [False] * 6 + [True] * 3  # grid points measure the machine's drift
     labels = {r.batch.label for r in rows}
     assert "resume, swap-in + swap-out" in labels and "decodes" in labels
     profiler.print_check(rows)
