@@ -1,0 +1,29 @@
+"""End-to-end validation on the real SmolLM2 and the shipped CPU profile: the machinery, not the fidelity.
+
+The fidelity figures come from scenarios/validate/ run on a quiet machine; here the checks are that
+both sides ran the same workload, wrote their files, and agree exactly on what does not depend on time.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from pensieve.cli import main  # noqa: E402
+
+SCENARIO = Path(__file__).resolve().parents[2] / "scenarios" / "validate" / "ci-small.yaml"
+
+
+def test_validate_runs_both_sides_and_reports(tmp_path):
+    out = tmp_path / "v"
+    assert main(["validate", str(SCENARIO), "--quiet", "--out", str(out)]) == 0
+    result = json.loads((out / "validation.json").read_text())
+    assert result["real"]["requests"] == result["sim"]["requests"] > 0
+    assert result["real"]["tokens"]["generated"] == result["sim"]["tokens"]["generated"]
+    rows = {r["metric"]: r for r in result["comparison"]}
+    assert abs(rows["device hit rate"]["error"]) <= 5.0  # percentage points
+    assert result["replay"]["steps"] == result["real"]["steps"] > 0
+    for name in ("validation_errors.png", "step_time_replay.png", "real/summary.json", "real/outputs.jsonl",
+                 "real/steps.jsonl", "sim/summary.json"):
+        assert (out / name).stat().st_size > 0
