@@ -8,8 +8,6 @@ same forward is the non-attention time. The method and the file format are in pr
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import datetime
 import os
 import platform
@@ -29,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from executor.attention import PAGED_ATTENTION, paged_attention_forward, register_paged_attention
+from executor.cpu import ALLOCATOR, env_threads, tune_allocator
 from executor.kv_store import PagedKVStore
 from executor.models import RANDOM_PREFIX, LoadedModel, ModelLoadError, default_device, dtype_name, load_model
 from executor.models import preset_dims, resolve_device, resolve_dtype
@@ -61,36 +60,15 @@ def main(args: Any) -> int:
 
 @contextlib.contextmanager
 def _threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread on CPU: with another process on the other core, two threads make small
-    matmuls ~20x slower and timings swing; the serving engine should run with the same setting."""
+    """PENSIEVE_THREADS intra-op threads on CPU, else one: with another process on the other core, two
+    threads made small matmuls ~20x slower and timings swing. Serving must use the same count."""
     before = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(env_threads() or 1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-ALLOCATOR = "glibc mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB"
-
-
-def tune_allocator() -> bool:
-    """Keep freed memory mapped from one layer to the next (glibc; a no-op returning False elsewhere).
-
-    By default glibc mmaps every large temporary and trims the heap top on free, so the attention's gather,
-    GQA-repeat and score buffers are page-faulted afresh in every layer: CPU attention ran 2-7x slower past
-    ~8K gathered KV tokens, with cliffs between grid points. Serving large blocks from the heap (no mmap)
-    and never trimming it keeps them mapped. The serving engine must run with the same setting for a
-    profile's step times to hold.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError, TypeError):
-        return False
 
 
 def _slug(name: str) -> str:
@@ -714,10 +692,10 @@ def measure_cpu_roofline() -> analytical.Roofline:
         layer, x = torch.nn.Linear(8, 8), torch.randn(1, 8)
         with torch.inference_mode():
             launch = statistics.median(_time(lambda: layer(x), 2000, warmup=100))
+        description = _device_detail(torch.device("cpu"))
     return analytical.Roofline(
         name="cpu",
-        description=_device_detail(torch.device("cpu")).replace(
-            f"threads {torch.get_num_threads()}", "threads 1"),
+        description=description,
         peak_flops={"float32": flops},
         memory_bandwidth=bandwidth,
         link_bandwidth=bandwidth,  # both tiers are RAM: a swap is a memory copy
