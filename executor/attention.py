@@ -6,11 +6,13 @@ query token at position p of a sequence attend to that sequence's positions 0..p
 from the pool through its block table. Query positions may have gaps (a recomputed leading
 span plus a new prompt span); the positions in between must already be in the pool.
 
-Cost notes (CPU, where this runs the benchmark): the gathers copy whole chunks with
-`index_select` (one contiguous block per chunk, K and V separately) instead of indexing token by
-token; grouped-query attention never repeats K/V: decode queries fold their head groups into the
-query length, and multi-token spans use SDPA's `enable_gqa` on CPU; masks are built once per step
-in the query dtype, so the layers do not convert a boolean mask each time.
+Cost notes (CPU, where this runs the benchmark): decodes on the CPU in fp32 read their chunks
+straight from the pool in a C kernel (executor/native.py); elsewhere they, and multi-token spans
+everywhere, gather whole chunks with `index_select` (one contiguous block per chunk, K and V
+apart) rather than token by token. Multi-token spans of similar size share one padded SDPA call
+per layer (runs of equal fresh prefills need no padding, mask or gather at all). Grouped-query
+attention never repeats K/V on the CPU: SDPA's `enable_gqa` for spans, head groups folded into
+the query length for decodes. Masks are built once per step, additive in the query dtype.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class _SpanGroup:
 
 @dataclass
 class _Decodes:
-    """All single-token queries, attended together in one padded SDPA call."""
+    """All single-token queries, attended together: by the C kernel, or in one padded SDPA call."""
 
     q_index: torch.Tensor | slice  # [n] index of each decode token in the packed batch (a slice when contiguous)
     n: int
@@ -243,11 +245,15 @@ def _native_decode(pool: torch.Tensor, q: torch.Tensor) -> bool:
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and native.decode_kernel() is not None)
 
 
+# SDPA takes `enable_gqa` from torch 2.5 on.
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
           scale: float) -> torch.Tensor:
     """SDPA with grouped KV heads: CPU kernels take `enable_gqa`; masked CUDA kernels do not, so repeat there."""
     groups = q.shape[-3] // k.shape[-3]
-    if groups > 1 and q.device.type == "cpu":
+    if groups > 1 and q.device.type == "cpu" and _SDPA_GQA:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=-3)

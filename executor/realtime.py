@@ -21,7 +21,7 @@ from pensieve.plots import plot_run
 from pensieve.results import request_rows, summarize, write_results
 from pensieve.workload import Workload
 
-from .cpu import serving_threads, torch_threads, tune_allocator
+from .cpu import ThreadGovernor, fixed_threads, torch_threads, tune_allocator
 from .engine import Engine, EngineConfig
 from .models import LoadedModel
 
@@ -69,18 +69,23 @@ def serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: s
     """Serve `workload` in wall-clock time; Ctrl-C stops and keeps the turns that finished.
 
     Think times are taken as given: scale them first (`scale_think_times`) to shorten a run.
-    `threads`: torch intra-op threads while serving on the CPU (default: `serving_threads`, i.e.
-    PENSIEVE_THREADS or every available core); the caller's setting is restored afterwards.
+    `threads`: torch intra-op threads while serving on the CPU (default: PENSIEVE_THREADS, else one
+    for tiny models, else a `ThreadGovernor`: every core other processes leave free, re-checked every
+    second); the caller's setting is restored afterwards.
     """
+    governor = None
     if loaded.device.type == "cpu":
         tune_allocator()
-        threads = serving_threads(loaded.dims) if threads is None else threads
+        threads = fixed_threads(loaded.dims) if threads is None else threads
+        governor = ThreadGovernor() if threads is None else None
     with torch_threads(threads):
-        return _serve(scenario, workload, loaded, policy, progress, cost_model)
+        if governor is not None:
+            governor.start()  # before the clock starts: it watches the machine for a moment
+        return _serve(scenario, workload, loaded, policy, progress, cost_model, governor)
 
 
 def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: str | None, progress: bool,
-           cost_model) -> RealRun:
+           cost_model, governor: ThreadGovernor | None) -> RealRun:
     engine = Engine(loaded, engine_config(scenario, policy), cost_model=cost_model)
     vocab = loaded.dims["vocab_size"]
     due: list[tuple[float, int, int]] = []  # (send time, conversation index, turn index)
@@ -106,6 +111,8 @@ def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: 
                 continue
             plan, finished = engine.step(now)
             steps.append(step_record(plan, engine.last_step_s))
+            if governor is not None:
+                governor.step_done()
             done_at = time.perf_counter() - start
             for r in finished:
                 conv = workload.conversations[_index(workload, r.conversation_id)]
@@ -130,12 +137,21 @@ def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: 
         extra={"steps": len(steps), "dropped_chunks": cache.stats.dropped_chunks, "device": str(loaded.device),
                "model": loaded.name, "device_slots": cache.device.capacity, "host_slots": cache.host.capacity,
                "interrupted": interrupted, "unfinished": workload.requests - len(finished),
-               "threads": torch.get_num_threads() if loaded.device.type == "cpu" else None},
+               "threads": _threads_used(loaded, governor, len(steps))},
     )
     outputs = [{"conversation": r.conversation_id, "turn": r.turn,
                 "prompt_ids": engine.conversation_ids(r.conversation_id)[_prompt_slice(engine, r)],
                 "generated_ids": engine.generated_ids(r.id)} for r in sorted(finished, key=lambda r: r.id)]
     return RealRun(summary, finished, timeline, steps, outputs, interrupted)
+
+
+def _threads_used(loaded: LoadedModel, governor: ThreadGovernor | None, steps: int) -> dict[str, int] | None:
+    """Steps run at each torch thread count (CPU only)."""
+    if loaded.device.type != "cpu":
+        return None
+    if governor is None:
+        return {str(torch.get_num_threads()): steps}
+    return {str(n): count for n, count in sorted(governor.steps.items())}
 
 
 def _index(workload: Workload, conversation_id: str) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from executor.cpu import env_threads
 from executor.engine import Engine, EngineConfig
 from executor.models import default_device, LoadedModel, load_model
 from executor.tokenizer import ByteTokenizer, chat_prompt_ids
@@ -51,8 +52,12 @@ def default_cache_gb(device: torch.device) -> tuple[float, float]:
 
 
 def default_cpu_threads(dims: dict) -> int:
-    """Intra-op threads for a CPU model: one for tiny models, whose small matmuls only lose to thread
-    hand-offs; otherwise every core but one, left to the Python loop (scheduler, index building)."""
+    """Intra-op threads for a CPU model: PENSIEVE_THREADS when set; one for tiny models, whose small
+    matmuls only lose to thread hand-offs; otherwise every core but one, left to the Python loop
+    (scheduler, index building)."""
+    threads = env_threads()
+    if threads is not None:
+        return threads
     if dims["hidden_size"] < 256:
         return 1
     return max(1, len(os.sched_getaffinity(0)) - 1)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import executor.attention as attention
 from executor import native
-from executor.cpu import serving_threads, torch_threads, tune_allocator
+from executor.cpu import ThreadGovernor, fixed_threads, serving_threads, torch_threads, tune_allocator
 from executor.models import LoadedModel
 from tests.executor.test_runner import (CHUNK, Conversation, Slots, assert_close, make_runner, random_tokens,
                                         stateless_logits)
@@ -100,3 +100,24 @@ def test_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch_threads(before + 1):
         assert torch.get_num_threads() == before + 1
     assert torch.get_num_threads() == before
+
+
+def test_thread_governor_leaves_busy_cores_alone() -> None:
+    governor = ThreadGovernor(cores=2)
+    assert governor.choose(None) == 2  # nothing known: every core
+    assert governor.choose(0.0) == 2 and governor.choose(0.4) == 2
+    assert governor.choose(0.7) == 1 and governor.choose(1.0) == 1 and governor.choose(5.0) == 1
+    assert ThreadGovernor(cores=8).choose(2.2) == 6
+    with torch_threads(None):
+        threads = governor.start(probe_s=0.05)
+        assert 1 <= threads <= 2 and torch.get_num_threads() == threads
+        governor.step_done()
+        assert sum(governor.steps.values()) == 1
+
+
+def test_fixed_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PENSIEVE_THREADS", raising=False)
+    assert fixed_threads({"hidden_size": 576}) is None  # the governor decides
+    assert fixed_threads({"hidden_size": 64}) == 1
+    monkeypatch.setenv("PENSIEVE_THREADS", "2")
+    assert fixed_threads({"hidden_size": 64}) == 2
