@@ -84,6 +84,16 @@ def check_profile_device(profile_device: str, real_device: str, source: str) -> 
                          "profile this device first (pensieve profile) and name that profile")
 
 
+def profiled_threads(cost, device_type: str) -> int | None:
+    """The CPU thread count the profile was measured with: the real run must compute the same way,
+    or the comparison measures the thread setting rather than the simulator (None: not recorded)."""
+    profile = getattr(cost, "profile", None)
+    if device_type != "cpu" or profile is None:
+        return None
+    threads = profile.data.get("runtime", {}).get("torch_threads")
+    return int(threads) if threads else None
+
+
 def validate(scenario: Scenario, source: str, progress: bool = True, device: str | None = None) -> dict:
     """Run the scenario both ways; the comparison, the replay check and both summaries."""
     from executor.realtime import load_scenario_model, serve
@@ -98,7 +108,8 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
     if getattr(cost, "profile", None) is not None:
         check_profile_device(cost.profile.device, str(loaded.device), source)
     workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)
-    real = serve(scenario, workload, loaded, progress=progress, cost_model=cost)
+    real = serve(scenario, workload, loaded, progress=progress, cost_model=cost,
+                 threads=profiled_threads(cost, loaded.device.type))
     sim = simulate(scenario, workload, cost, progress=progress)
     replay = replay_errors(real.steps, cost, scenario.cache.chunk_tokens)
     return {"scenario": scenario.name, "policy": scenario.cache.policy.type, "device": str(loaded.device),
