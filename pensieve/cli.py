@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=float, default=None,
                    help="exit 1 when throughput or mean latency differ by more than this fraction")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-speed-probe", action="store_true",
+                   help="skip timing grid-point steps before and after the real run (the machine-speed "
+                        "comparison; ~10 s on a CPU)")
     p.set_defaults(handler="sim.validate:validate_command")
 
     p = sub.add_parser("profile", help="measure a device's cost model (attention per chunk, batch compute, copies)")

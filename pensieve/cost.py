@@ -37,3 +37,25 @@ class LinearCostModel(CostModel):
 
     def chunk_recompute_s(self, context_tokens: int, chunk_tokens: int) -> float:
         return self.a * context_tokens + self.c
+
+
+class ScaledCostModel(CostModel):
+    """Another cost model's times multiplied by `factor`.
+
+    For a profile taken on this machine while it ran faster or slower than it does now: `pensieve
+    validate` measures that factor at grid points before and after its real run. A uniform factor
+    leaves every eviction order unchanged (retention values all scale alike); only the clock moves.
+    """
+
+    def __init__(self, base: CostModel, factor: float) -> None:
+        if not factor > 0:
+            raise ValueError(f"scaled cost model: factor must be positive, got {factor}")
+        self.base = base
+        self.factor = factor
+        self.profile = getattr(base, "profile", None)
+
+    def chunk_recompute_s(self, context_tokens: int, chunk_tokens: int) -> float:
+        return self.factor * self.base.chunk_recompute_s(context_tokens, chunk_tokens)
+
+    def step_time_s(self, plan, chunk_tokens: int) -> float:
+        return self.factor * self.base.step_time_s(plan, chunk_tokens)

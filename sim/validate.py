@@ -13,6 +13,7 @@ import numpy as np
 
 from pensieve.config import Scenario, load_scenario
 from pensieve.core import build_cost_model
+from pensieve.cost import ScaledCostModel
 from pensieve.plan import PrefillItem, StepPlan
 from pensieve.results import format_table
 from pensieve.workload import build_workload, scale_think_times
@@ -94,27 +95,53 @@ def profiled_threads(cost, device_type: str) -> int | None:
     return int(threads) if threads else None
 
 
-def validate(scenario: Scenario, source: str, progress: bool = True, device: str | None = None) -> dict:
-    """Run the scenario both ways; the comparison, the replay check and both summaries."""
+def validate(scenario: Scenario, source: str, progress: bool = True, device: str | None = None,
+             speed_probe: bool = True) -> dict:
+    """Run the scenario both ways; the comparison, the replay check and both summaries.
+
+    With `speed_probe` (a measured profile), grid-point steps are timed just before and after the
+    real run; their measured / predicted ratio is the machine's speed now against the profile's. The
+    simulation is then run a second time with the profile scaled by it, and compared separately.
+    """
+    from executor.cpu import torch_threads
+    from executor.profiler import machine_speed
     from executor.realtime import load_scenario_model, serve
 
     if not scenario.profile:
         raise ValueError(f"{source}: profile: validation needs the profile of the device and model it runs on")
     cost = build_cost_model(scenario, source)
-    if getattr(cost, "profile", None) is not None and cost.profile.source != "measured":
-        raise ValueError(f"{source}: profile: {scenario.profile} is {cost.profile.source}; validate against a "
+    profile = getattr(cost, "profile", None)
+    if profile is not None and profile.source != "measured":
+        raise ValueError(f"{source}: profile: {scenario.profile} is {profile.source}; validate against a "
                          "measured profile of this device")
     loaded = load_scenario_model(scenario, source, device)
-    if getattr(cost, "profile", None) is not None:
-        check_profile_device(cost.profile.device, str(loaded.device), source)
+    if profile is not None:
+        check_profile_device(profile.device, str(loaded.device), source)
+    threads = profiled_threads(cost, loaded.device.type)
     workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)
-    real = serve(scenario, workload, loaded, progress=progress, cost_model=cost,
-                 threads=profiled_threads(cost, loaded.device.type))
+    probe = speed_probe and profile is not None
+    speeds = []
+    if probe:
+        with torch_threads(threads):
+            speeds.append(machine_speed(profile, loaded))
+    real = serve(scenario, workload, loaded, progress=progress, cost_model=cost, threads=threads)
+    if probe:
+        with torch_threads(threads):
+            speeds.append(machine_speed(profile, loaded))
     sim = simulate(scenario, workload, cost, progress=progress)
     replay = replay_errors(real.steps, cost, scenario.cache.chunk_tokens)
-    return {"scenario": scenario.name, "policy": scenario.cache.policy.type, "device": str(loaded.device),
-            "profile": scenario.profile, "comparison": compare_summaries(real.summary, sim.summary),
-            "replay": replay, "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
+    result = {"scenario": scenario.name, "policy": scenario.cache.policy.type, "device": str(loaded.device),
+              "profile": scenario.profile, "comparison": compare_summaries(real.summary, sim.summary),
+              "replay": replay, "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
+    if speeds:
+        factor = float(np.mean([s["factor"] for s in speeds]))
+        scaled = ScaledCostModel(cost, factor)
+        adjusted = simulate(scenario, workload, scaled, progress=progress)
+        result["machine_speed"] = {"factor": factor, "before": speeds[0], "after": speeds[1]}
+        result["comparison_at_machine_speed"] = compare_summaries(real.summary, adjusted.summary)
+        result["replay_at_machine_speed"] = replay_errors(real.steps, scaled, scenario.cache.chunk_tokens)
+        result["sim_at_machine_speed"] = adjusted.summary
+    return result
 
 
 def write_validation(out: Path, result: dict, scenario: Scenario) -> Path:
@@ -129,7 +156,9 @@ def write_validation(out: Path, result: dict, scenario: Scenario) -> Path:
     write_results(out / "sim", sim.summary, sim.finished, scenario.model_dump(), sim.timeline)
     plot_run(out / "sim", sim.summary, request_rows(sim.finished), sim.timeline)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
-    public["replay"] = {k: v for k, v in result["replay"].items() if not k.startswith("_")}
+    for key in ("replay", "replay_at_machine_speed"):
+        if key in public:
+            public[key] = {k: v for k, v in result[key].items() if not k.startswith("_")}
     (out / "validation.json").write_text(json.dumps(public, indent=2, default=float) + "\n")
     _plot(out, result)
     return out
@@ -160,18 +189,37 @@ def _plot(out: Path, result: dict) -> None:
     _save(fig, out / "step_time_replay.png")
 
 
+def _error_text(row: dict) -> str:
+    return f"{row['error']:+.1%}" if row["kind"] == "relative" else f"{row['error']:+.2f} pt"
+
+
 def validate_command(args) -> int:
     scenario = load_scenario(args.scenario)
-    result = validate(scenario, args.scenario, progress=not args.quiet, device=args.device)
+    result = validate(scenario, args.scenario, progress=not args.quiet, device=args.device,
+                      speed_probe=not args.no_speed_probe)
     out = Path(args.out or Path("results") / f"{scenario.name}-validate")
     write_validation(out, result, scenario)
-    table = [{"metric": r["metric"], "real": r["real"], "sim": r["sim"],
-              "error": f"{r['error']:+.1%}" if r["kind"] == "relative" else f"{r['error']:+.2f} pt"}
-             for r in result["comparison"]]
-    print(format_table(table, [("metric", "metric"), ("real", "real"), ("sim", "sim"), ("sim vs real", "error")]))
+    adjusted = result.get("comparison_at_machine_speed")
+    table = []
+    for i, r in enumerate(result["comparison"]):
+        row = {"metric": r["metric"], "real": r["real"], "sim": r["sim"], "error": _error_text(r)}
+        if adjusted:
+            row |= {"sim_speed": adjusted[i]["sim"], "error_speed": _error_text(adjusted[i])}
+        table.append(row)
+    columns = [("metric", "metric"), ("real", "real"), ("sim", "sim"), ("sim vs real", "error")]
+    if adjusted:
+        columns += [("sim at machine speed", "sim_speed"), ("vs real", "error_speed")]
+    print(format_table(table, columns))
     replay = result["replay"]
     print(f"step-time replay over {replay['steps']} real steps: median error {replay['median_ape']:.1%}, "
           f"p90 {replay['p90_ape']:.1%}")
+    if adjusted:
+        speed = result["machine_speed"]
+        again = result["replay_at_machine_speed"]
+        print(f"machine speed against the profile (measured / predicted at grid points): "
+              f"x{speed['before']['factor']:.3f} before the run, x{speed['after']['factor']:.3f} after; "
+              f"at x{speed['factor']:.3f} the replay's median error is {again['median_ape']:.1%}, "
+              f"p90 {again['p90_ape']:.1%}")
     if args.max_error is not None:
         worst = max(abs(r["error"]) for r in result["comparison"]
                     if r["kind"] == "relative" and r["metric"].startswith(("throughput", "norm. latency mean")))

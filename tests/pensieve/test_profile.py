@@ -291,3 +291,16 @@ def test_profile_yaml_is_plain_yaml(tmp_path):
     dump_profile(linear_profile(), tmp_path / "p.yaml")
     raw = yaml.safe_load((tmp_path / "p.yaml").read_text())
     assert raw["tables"]["chunk_attention_s"][32] == pytest.approx(3.2e-5)
+
+
+def test_scaled_cost_model_scales_times_and_keeps_the_profile() -> None:
+    from pensieve.cost import ScaledCostModel
+
+    cost = ProfileCostModel(profile_from_dict(linear_profile()))
+    plan = StepPlan(1, [0, 1], 600, [PrefillItem(7, 7, [(0, 96)], 96)], [(0, 0)], [(1, 1)])
+    scaled = ScaledCostModel(cost, 1.25)
+    assert scaled.step_time_s(plan, CHUNK) == pytest.approx(1.25 * cost.step_time_s(plan, CHUNK))
+    assert scaled.chunk_recompute_s(512, CHUNK) == pytest.approx(1.25 * cost.chunk_recompute_s(512, CHUNK))
+    assert scaled.profile is cost.profile
+    with pytest.raises(ValueError, match="positive"):
+        ScaledCostModel(cost, 0.0)

@@ -27,3 +27,10 @@ def test_validate_runs_both_sides_and_reports(tmp_path):
     for name in ("validation_errors.png", "step_time_replay.png", "real/summary.json", "real/outputs.jsonl",
                  "real/steps.jsonl", "sim/summary.json"):
         assert (out / name).stat().st_size > 0
+    speed = result["machine_speed"]
+    assert 0.2 < speed["factor"] < 5 and set(speed["before"]["points"]) == set(speed["after"]["points"])
+    assert speed["factor"] == pytest.approx((speed["before"]["factor"] + speed["after"]["factor"]) / 2)
+    adjusted = {r["metric"]: r for r in result["comparison_at_machine_speed"]}
+    assert adjusted.keys() == rows.keys()
+    # the scaled clock changes times, not the work asked for
+    assert result["sim_at_machine_speed"]["tokens"]["generated"] == result["sim"]["tokens"]["generated"]
