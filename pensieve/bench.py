@@ -38,14 +38,15 @@ class CoreBenchResult:
 def run_core_bench(policy: str = "pensieve", running: int = 128, device_slots: int = 100_000,
                    host_slots: int = 100_000, history_tokens: int = 1024, output_tokens: int = 256,
                    prompt_tokens: int = 64, steps: int = 4000, chunk_tokens: int = 32, spread_s: float = 600.0,
-                   seed: int = 0) -> CoreBenchResult:
+                   seed: int = 0, eviction_batch: float | None = None) -> CoreBenchResult:
     """Fill both tiers with idle conversations, then keep `running` decodes going for `steps` steps.
 
     Each finished turn is replaced by the next turn of a randomly chosen idle conversation, whose
     chunks must be restored (swap-ins, recomputation) while the device tier evicts and swaps out.
     """
     rng = random.Random(seed)
-    cache = KVCacheManager(device_slots, host_slots, chunk_tokens, make_policy(policy), max_context=16384)
+    batch = {} if eviction_batch is None else {"eviction_batch": eviction_batch}
+    cache = KVCacheManager(device_slots, host_slots, chunk_tokens, make_policy(policy), max_context=16384, **batch)
     sched = Scheduler(cache, max_batch_tokens=8192, max_batch_requests=running, max_context=16384)
     backend = BookkeepingBackend()
     chunks_per_conv = -(-history_tokens // chunk_tokens)
@@ -109,7 +110,7 @@ def main(args) -> int:
 
     runs = [
         run_core_bench(policy=args.policy, running=args.running, device_slots=args.device_slots,
-                       host_slots=args.host_slots, steps=args.steps, seed=i)
+                       host_slots=args.host_slots, steps=args.steps, seed=i, eviction_batch=args.eviction_batch)
         for i in tqdm(range(args.repeats), desc="bench-core", unit="run")
     ]
     median = statistics.median(r.mean_us_per_step for r in runs)

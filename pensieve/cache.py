@@ -351,6 +351,8 @@ class KVCacheManager:
         queue = self._host_victims
         if not self.host.capacity:
             return 0
+        trailing = self.trailing
+        dropped = 0
         while len(free) < count:
             if not queue and not self._refill(queue, now, device=False):
                 break
@@ -366,11 +368,25 @@ class KVCacheManager:
                 if conv is exclude:
                     break
                 self._drop_host_run(conv, n_run)
-            else:
-                drop = min(n_run, count - len(free))
-                self._drop_host_run(conv, drop)
-                if drop < n_run:
-                    queue.appendleft((conv, conv.d, n_run - drop))
+                continue
+            # _drop_host_run inlined, with the counting done once after the loop: this is the
+            # host tier's hot path under pressure
+            drop = min(n_run, count - len(free))
+            host, n = conv.host, len(conv.dev)
+            for j in range(k, k + drop):
+                i = n - 1 - j if trailing else j
+                free.append(host[i])
+                host[i] = -1
+            conv.d = k + drop
+            dropped += drop
+            if conv.d == n:
+                self.idle.pop(conv.id, None)
+            elif drop < n_run:
+                queue.appendleft((conv, conv.d, n_run - drop))
+        if dropped:
+            self.stats.dropped_chunks += dropped
+            self.stats.evictions_by_tier["host"] += dropped
+            self.dropped_this_step += dropped
         return min(count, len(free))
 
     # ------------------------------------------------------------------ layout moves
@@ -523,23 +539,22 @@ class KVCacheManager:
                 rebound_at = held + budget
         if not convs:
             return []
-        if held <= budget:  # every collected chunk is picked: only their order is needed
+        # A conversation's picks are a prefix of its collected chunks (its scores rise along eviction
+        # order), so the batch is one run per conversation, queued by its lowest score. Chunk by chunk
+        # the runs would interleave; the batch evicts the same set either way, and long runs cost a
+        # fraction of the bookkeeping of single chunks. (A batch of 1 is exact.)
+        if held <= budget:  # every collected chunk is picked
             score = policy.score
-            picked = sorted(
-                (score(n - 1 - k if trailing else k, t), order, k, conv)
-                for conv, order, first, count, n, t in zip(convs, orders, firsts, counts, sizes, idles)
-                for k in range(first, first + count)
-            )
-            return [(conv, k, 1) for _, _, k, conv in picked]
+            runs = sorted((score(n - 1 - first if trailing else first, t), order, first, count, conv)
+                          for conv, order, first, count, n, t in zip(convs, orders, firsts, counts, sizes, idles))
+            return [(conv, first, count) for _, _, first, count, conv in runs]
         values, owner, j = self._score_chunks(orders, firsts, counts, sizes, idles)
         order_of = np.asarray(orders)[owner]
-        chosen = np.lexsort((j, order_of, values))[:budget]
-        owner, j = owner[chosen], j[chosen]
-        # consecutive picks of one conversation's consecutive chunks form one run
-        breaks = (owner[1:] != owner[:-1]) | (j[1:] != j[:-1] + 1)
-        starts = np.concatenate(([0], np.flatnonzero(breaks) + 1))
-        lengths = np.diff(np.concatenate((starts, [len(owner)])))
-        return [(convs[o], k, c) for o, k, c in zip(owner[starts].tolist(), j[starts].tolist(), lengths.tolist())]
+        chosen_owner = owner[np.lexsort((j, order_of, values))[:budget]]
+        owners, first_pick, picked = np.unique(chosen_owner, return_index=True, return_counts=True)
+        owners, picked = owners[np.argsort(first_pick)], picked[np.argsort(first_pick)]
+        starts = np.asarray(firsts)[owners]
+        return [(convs[o], k, c) for o, k, c in zip(owners.tolist(), starts.tolist(), picked.tolist())]
 
     def _score_chunks(self, orders, firsts, counts, sizes, idles):
         """Scores of every collected chunk: (values, index of its conversation, eviction-order position)."""

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-slots", type=int, default=100_000)
     p.add_argument("--host-slots", type=int, default=100_000)
     p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--eviction-batch", type=float, default=None,
+                   help="victims scored per pass, as a fraction of a tier (default: the scenario default)")
     p.add_argument("--repeats", type=int, default=3, help="runs; the median is reported")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(handler="pensieve.bench:main")

@@ -10,7 +10,7 @@ from .helpers import Driver, make_core
 turns = st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12)), min_size=1, max_size=4)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=90, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     policy=st.sampled_from(sorted(REGISTRY)),
     device=st.integers(10, 40),
@@ -20,12 +20,16 @@ turns = st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12)), min_size=1, 
     batch_tokens=st.sampled_from([8, 32, 256]),
     conversations=st.lists(turns, min_size=1, max_size=6),
     gaps=st.lists(st.integers(0, 30), min_size=30, max_size=30),
+    victims_per_pass=st.sampled_from([1, 3, 8]),
 )
 def test_random_workloads_keep_every_invariant_and_finish(policy, device, host, threshold, reserve, batch_tokens,
-                                                          conversations, gaps):
+                                                          conversations, gaps, victims_per_pass):
     d = Driver(make_core(policy, device, host, threshold=threshold, reserve=reserve,
                          max_batch_tokens=batch_tokens, max_batch_requests=4))
     sched, cache = d.sched, d.sched.cache
+    # Batched victim selection (one scoring pass queues several victims, as large caches do by
+    # default) with batches small enough for these tiny tiers to need several passes.
+    cache._device_batch = cache._host_batch = victims_per_pass
     next_turn = {c: 0 for c in range(len(conversations))}
     due = {c: gaps[c % len(gaps)] for c in range(len(conversations))}
     step = 0
@@ -73,3 +77,29 @@ def test_random_workloads_keep_every_invariant_and_finish(policy, device, host, 
     for c, conv in cache.conversations.items():
         total = sum(p + o for p, o in conversations[c][: next_turn[c]])
         assert conv.tokens == total and conv.kv_tokens == total - 1
+
+
+@pytest.mark.parametrize("policy", ["pensieve", "lru", "trailing-lru"])
+@pytest.mark.parametrize("budget", [1, 7, 25, 400])
+def test_a_scoring_pass_picks_the_lowest_scoring_chunks_as_one_run_per_conversation(policy, budget):
+    import random
+
+    d = Driver(make_core(policy, device=2000, host=0))
+    cache = d.sched.cache
+    rng = random.Random(budget)
+    now = 0.0
+    for c in range(40):  # idle conversations of different lengths and ages
+        d.add(c, 0, now, rng.randint(1, 40), rng.randint(1, 8))
+        now = d.run(now + rng.random())
+    now += 5.0
+    candidates = list(cache.idle_device.values())
+    expected = sorted(
+        (cache.policy.score(conv.chunks - 1 - k if cache.trailing else k, now - conv.last_active), order, conv.id, k)
+        for order, conv in enumerate(candidates) for k in range(conv.b, conv.chunks))[:budget]
+    runs = cache._pick_chunks(candidates, now, True, budget)
+    picked = [(conv.id, k) for conv, first, count in runs for k in range(first, first + count)]
+    assert sorted(picked) == sorted((cid, k) for _, _, cid, k in expected)
+    assert len({conv.id for conv, _, _ in runs}) == len(runs)  # one run per conversation
+    first_scores = [cache.policy.score(conv.chunks - 1 - first if cache.trailing else first, now - conv.last_active)
+                    for conv, first, _ in runs]
+    assert first_scores == sorted(first_scores)  # queued by their lowest score
