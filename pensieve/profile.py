@@ -333,6 +333,13 @@ class ProfileCostModel(CostModel):
         if self.prefill_attention is not None:
             return self.prefill_attention(queries, context_tokens)
         chunk = self.profile.chunk_tokens
+        if queries <= 64 * chunk:  # the common case, in plain floats: numpy's per-call overhead would dominate
+            curve, total = self.chunk_attention, 0.0
+            for s, n in spans:
+                for a in range(s, s + n, chunk):
+                    b = min(a + chunk, s + n)
+                    total += (b - a) / chunk * curve((a + b) / 2 + chunk / 2)
+            return total
         pieces = np.array([(a, min(a + chunk, s + n)) for s, n in spans for a in range(s, s + n, chunk)], float)
         starts, ends = pieces.T  # [pieces] each
         return float(np.sum((ends - starts) / chunk * self.chunk_attention((starts + ends) / 2 + chunk / 2)))
@@ -356,18 +363,23 @@ class ProfileCostModel(CostModel):
 
     def compute_s(self, plan) -> float:
         """The forward pass of a plan, without copies (0 for a plan with no tokens)."""
-        if plan.empty:
-            return 0.0
         decodes, context = len(plan.decodes), plan.decode_context_tokens
+        tokens = decodes
         prefill = 0.0
         for item in plan.prefills:
-            if item.query_tokens == 1:  # the executor batches a one-token query with the decodes
+            queries = item.query_tokens
+            tokens += queries
+            if queries == 1:  # the executor batches a one-token query with the decodes
                 decodes, context = decodes + 1, context + item.context_tokens
             else:
                 prefill += self.prefill_s(item.spans, item.context_tokens)
+        if tokens == 0:
+            return 0.0
+        # (decodes_s and non_attention_s inlined: the simulator calls this once per step)
+        decode = self.decode_call_s + self.decode_context_s * context + self.decode_token_s * decodes if decodes else 0.0
         sequences = len(plan.decodes) + len(plan.prefills)
-        return (self.overhead_s + self.non_attention_s(plan.num_tokens, sequences) + prefill
-                + self.decodes_s(decodes, context))
+        return (self.overhead_s + self.non_attention(tokens) + self.per_sequence_s * max(sequences - 1, 0) + prefill
+                + decode)
 
     def step_time_s(self, plan, chunk_tokens: int) -> float:
         """Seconds for a plan's copies and forward.

@@ -18,11 +18,11 @@ from .driver import rng_for, simulate
 from .sweep import run_points, throughput_at_target
 
 
-def _check_feasible(scenario, workload, source: str) -> None:
+def _check_feasible(scenario, workload, source: str, cost) -> None:
     """Refuse, before simulating, what cannot run: an empty workload, a cache too small for a turn."""
     if not workload.conversations:
         raise WorkloadError(f"{source}: the workload has no conversation")
-    cache = build_scheduler(scenario).cache
+    cache = build_scheduler(scenario, cost).cache
     biggest = max(c.context_tokens for c in workload.conversations)
     need = -(-biggest // cache.chunk_tokens)
     if need > cache.device.capacity:
@@ -39,8 +39,8 @@ def simulate_command(args) -> int:
     workload = build_workload(scenario.workload, rng_for(scenario))
     for problem in workload.skipped:
         print(f"skipped: {problem}")
-    _check_feasible(scenario, workload, args.scenario)
     cost = build_cost_model(scenario, args.scenario)
+    _check_feasible(scenario, workload, args.scenario, cost)
     run = simulate(scenario, workload, cost, progress=not args.quiet)
     out = Path(args.out or Path("results") / scenario.name)
     write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline)

@@ -304,3 +304,13 @@ def test_scaled_cost_model_scales_times_and_keeps_the_profile() -> None:
     assert scaled.profile is cost.profile
     with pytest.raises(ValueError, match="positive"):
         ScaledCostModel(cost, 0.0)
+
+
+@pytest.mark.parametrize("spans", [[(0, 40)], [(0, 64), (96, 100)], [(0, 2048), (2100, 64)], [(5, 3000)]])
+def test_prefill_attention_without_a_table_sums_chunk_pieces(spans) -> None:
+    """Both code paths (plain floats for short queries, numpy for long ones) give the piecewise sum."""
+    cost = ProfileCostModel(profile_from_dict(linear_profile()))
+    context = spans[-1][0] + spans[-1][1]
+    expected = sum(min(CHUNK, s + n - a) / CHUNK * 1e-6 * ((a + min(a + CHUNK, s + n)) / 2 + CHUNK / 2)
+                   for s, n in spans for a in range(s, s + n, CHUNK))
+    assert cost.prefill_s(spans, context) == pytest.approx(expected, rel=1e-9)
