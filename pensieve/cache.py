@@ -234,10 +234,9 @@ class KVCacheManager:
                     return
                 want -= moved
             return
-        # Chunk-level policies: the common case, kept free of per-chunk calls. Host room is made
+        # Chunk-level policies: the common case, one call per victim run. Host room is made
         # a few dozen chunks at a time so a shortage of device victims drops little for nothing.
         free = self.host.free
-        ops, clean, trailing = self.swap_out_ops, self._clean, self.trailing
         moved_total = 0
         while want > 0:
             if not free and not self._host_room(min(want, 64), now, exclude=None):
@@ -247,18 +246,9 @@ class KVCacheManager:
             conv, k, count = queue.popleft()
             if conv.active or conv.b != k:  # stale: restored, or evicted since it was scored
                 continue
-            dev, host, n = conv.dev, conv.host, len(conv.dev)
-            take = min(count, n - k, want, len(free))
-            for k in range(k, k + take):
-                i = n - 1 - k if trailing else k
-                slot = free.pop()
-                ops.append((dev[i], slot))
-                host[i] = slot
-                clean.append((conv, k))
-            conv.b += take
-            if conv.b == n:
-                del self.idle_device[conv.id]
-            elif take < count:
+            take = min(count, len(conv.dev) - k, want, len(free))
+            self._copy_to_host(conv, take)
+            if take < count and conv.b < len(conv.dev):
                 queue.appendleft((conv, conv.b, count - take))
             want -= take
             moved_total += take
@@ -323,8 +313,18 @@ class KVCacheManager:
         count = min(count, self._host_room(count, now, exclude=conv))
         if count <= 0:
             return 0
-        free, ops, clean = self.host.free, self.swap_out_ops, self._clean
-        dev, host, trailing = conv.dev, conv.host, self.trailing
+        self._copy_to_host(conv, count)
+        self.clean_count += count
+        self.stats.swap_out_chunks += count
+        self.stats.evictions_by_tier["device"] += count
+        self._compact_clean()
+        return count
+
+    def _copy_to_host(self, conv: Conversation, count: int) -> None:
+        """Record copies of the conversation's next `count` device-only chunks into free host slots;
+        the device copies stay (clean) until their slots are reclaimed. The caller counts them."""
+        n, dev, host = len(conv.dev), conv.dev, conv.host
+        free, ops, clean, trailing = self.host.free, self.swap_out_ops, self._clean, self.trailing
         for k in range(conv.b, conv.b + count):
             i = n - 1 - k if trailing else k
             slot = free.pop()
@@ -334,11 +334,6 @@ class KVCacheManager:
         conv.b += count
         if conv.b == n:
             del self.idle_device[conv.id]
-        self.clean_count += count
-        self.stats.swap_out_chunks += count
-        self.stats.evictions_by_tier["device"] += count
-        self._compact_clean()
-        return count
 
     def _compact_clean(self) -> None:
         """Drop reclaim entries of conversations restored since they were queued, now and then."""
