@@ -24,6 +24,9 @@ from .tiers import SlotPool
 
 
 MIN_BATCH = 64
+# Below this many candidate conversations a scoring pass merges their chunk sequences in plain
+# Python; above it, it scores them with numpy and prunes.
+FEW_CANDIDATES = 32
 
 
 @dataclass
@@ -494,6 +497,8 @@ class KVCacheManager:
         contributes nothing, and the pass ends when the policy's score floor for the younger
         conversations left reaches `bound`. The scoring itself is vectorised.
         """
+        if len(candidates) <= FEW_CANDIDATES:
+            return self._pick_chunks_few(candidates, now, device, budget)
         policy = self.policy
         floor, below = policy.score_floor, policy.chunks_below
         trailing = self.trailing
@@ -550,6 +555,35 @@ class KVCacheManager:
         owners, picked = owners[np.argsort(first_pick)], picked[np.argsort(first_pick)]
         starts = np.asarray(firsts)[owners]
         return [(convs[o], k, c) for o, k, c in zip(owners.tolist(), starts.tolist(), picked.tolist())]
+
+    def _pick_chunks_few(self, candidates, now: float, device: bool, budget: int) -> list:
+        """`_pick_chunks` for a handful of conversations (numpy's fixed costs would dominate): a k-way
+        merge of their score-sorted chunk sequences, `budget` pops of a heap of one head per
+        conversation. Same picks, same order, same runs."""
+        score, trailing = self.policy.score, self.trailing
+        heads = []
+        for order, conv in enumerate(candidates):
+            k, end = (conv.b, len(conv.dev)) if device else (conv.d, conv.h)
+            if k < end:
+                n, idle_s = len(conv.dev), now - conv.last_active
+                heads.append((score(n - 1 - k if trailing else k, idle_s), order, k, end, n, idle_s, conv))
+        heapq.heapify(heads)
+        runs: dict[int, list] = {}  # order -> [first score, order, conversation, first chunk, count]
+        for _ in range(budget):
+            if not heads:
+                break
+            value, order, k, end, n, idle_s, conv = heads[0]
+            run = runs.get(order)
+            if run is None:
+                runs[order] = [value, order, conv, k, 1]
+            else:
+                run[4] += 1
+            if k + 1 < end:
+                heapq.heapreplace(heads, (score(n - 2 - k if trailing else k + 1, idle_s), order, k + 1, end, n,
+                                          idle_s, conv))
+            else:
+                heapq.heappop(heads)
+        return [(conv, first, count) for _, _, conv, first, count in sorted(runs.values(), key=lambda r: r[:2])]
 
     def _score_chunks(self, orders, firsts, counts, sizes, idles):
         """Scores of every collected chunk: (values, index of its conversation, eviction-order position)."""

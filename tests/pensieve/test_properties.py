@@ -81,14 +81,18 @@ def test_random_workloads_keep_every_invariant_and_finish(policy, device, host, 
 
 @pytest.mark.parametrize("policy", ["pensieve", "lru", "trailing-lru"])
 @pytest.mark.parametrize("budget", [1, 7, 25, 400])
-def test_a_scoring_pass_picks_the_lowest_scoring_chunks_as_one_run_per_conversation(policy, budget):
+@pytest.mark.parametrize("conversations", [12, 40])  # the plain-Python merge and the numpy path
+def test_a_scoring_pass_picks_the_lowest_scoring_chunks_as_one_run_per_conversation(policy, budget, conversations):
     import random
 
+    from pensieve.cache import FEW_CANDIDATES
+
+    assert 12 <= FEW_CANDIDATES < 40  # so the two sizes take the two paths
     d = Driver(make_core(policy, device=2000, host=0))
     cache = d.sched.cache
     rng = random.Random(budget)
     now = 0.0
-    for c in range(40):  # idle conversations of different lengths and ages
+    for c in range(conversations):  # idle conversations of different lengths and ages
         d.add(c, 0, now, rng.randint(1, 40), rng.randint(1, 8))
         now = d.run(now + rng.random())
     now += 5.0
