@@ -125,14 +125,17 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
         with torch_threads(threads):
             speeds.append(machine_speed(profile, loaded))
     real = serve(scenario, workload, loaded, progress=progress, cost_model=cost, threads=threads)
+    head = {"scenario": scenario.name, "policy": scenario.cache.policy.type, "device": str(loaded.device),
+            "profile": scenario.profile}
+    if real.interrupted:  # keep the real turns that finished; a comparison with a part would mislead
+        return head | {"interrupted": True, "real": real.summary, "_real_run": real}
     if probe:
         with torch_threads(threads):
             speeds.append(machine_speed(profile, loaded))
     sim = simulate(scenario, workload, cost, progress=progress)
     replay = replay_errors(real.steps, cost, scenario.cache.chunk_tokens)
-    result = {"scenario": scenario.name, "policy": scenario.cache.policy.type, "device": str(loaded.device),
-              "profile": scenario.profile, "comparison": compare_summaries(real.summary, sim.summary),
-              "replay": replay, "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
+    result = head | {"comparison": compare_summaries(real.summary, sim.summary), "replay": replay,
+                     "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
     if speeds:
         factor = float(np.mean([s["factor"] for s in speeds]))
         scaled = ScaledCostModel(cost, factor)
@@ -152,6 +155,10 @@ def write_validation(out: Path, result: dict, scenario: Scenario) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     write_run(out / "real", scenario, result["_real_run"])
+    if result.get("interrupted"):
+        public = {k: v for k, v in result.items() if not k.startswith("_")}
+        (out / "validation.json").write_text(json.dumps(public, indent=2, default=float) + "\n")
+        return out
     sim = result["_sim_run"]
     write_results(out / "sim", sim.summary, sim.finished, scenario.model_dump(), sim.timeline)
     plot_run(out / "sim", sim.summary, request_rows(sim.finished), sim.timeline)
@@ -199,6 +206,10 @@ def validate_command(args) -> int:
                       speed_probe=not args.no_speed_probe)
     out = Path(args.out or Path("results") / f"{scenario.name}-validate")
     write_validation(out, result, scenario)
+    if result.get("interrupted"):
+        print(f"interrupted: wrote the {result['real']['requests']} real turns that finished to {out}/real/; "
+              "no comparison was made")
+        return 130
     adjusted = result.get("comparison_at_machine_speed")
     table = []
     for i, r in enumerate(result["comparison"]):

@@ -99,3 +99,45 @@ def test_infeasible_scenarios_are_refused_before_simulating(tmp_path):
     assert main(["simulate", str(path), "--quiet", "--out", str(tmp_path / "o")]) == 2
     path.write_text(yaml.safe_dump({**BASE, "workload": {**BASE["workload"], "arrival_rate": 0}}))
     assert main(["simulate", str(path), "--quiet", "--out", str(tmp_path / "o")]) == 2
+
+
+class InterruptingCost(AffineCost):
+    """Ctrl-C after a number of steps, as a user would press it mid-run."""
+
+    def __init__(self, after_steps: int) -> None:
+        self.left = after_steps
+
+    def step_time_s(self, plan, chunk_tokens: int) -> float:
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return super().step_time_s(plan, chunk_tokens)
+
+
+def test_ctrl_c_keeps_what_finished():
+    scenario = parse_scenario(BASE)
+    workload = build_workload(scenario.workload, rng_for(scenario))
+    full = simulate(scenario, workload, AffineCost(), progress=False)
+    cut = simulate(scenario, workload, InterruptingCost(after_steps=full.summary["steps"] // 2), progress=False)
+    assert cut.interrupted and cut.summary["interrupted"]
+    assert 0 < cut.summary["requests"] == len(cut.finished) < full.summary["requests"]
+    assert cut.summary["unfinished"] == workload.requests - len(cut.finished)
+    # the turns that finished are the same turns, at the same times, as in the whole run
+    whole = {(r.conversation_id, r.turn): r.finish for r in full.finished}
+    assert all(whole[(r.conversation_id, r.turn)] == r.finish for r in cut.finished)
+
+
+def test_simulate_command_writes_the_finished_turns_on_ctrl_c(tmp_path, monkeypatch):
+    import yaml
+
+    import sim.commands as commands
+    from pensieve.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    monkeypatch.setattr(commands, "build_cost_model", lambda scenario, source: InterruptingCost(after_steps=200))
+    assert main(["simulate", str(path), "--quiet", "--out", str(tmp_path / "out")]) == 130
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["interrupted"] and summary["requests"] > 0
+    rows = (tmp_path / "out" / "requests.csv").read_text().strip().splitlines()
+    assert len(rows) == summary["requests"] + 1  # header

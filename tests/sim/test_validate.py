@@ -34,3 +34,25 @@ def test_validate_runs_both_sides_and_reports(tmp_path):
     assert adjusted.keys() == rows.keys()
     # the scaled clock changes times, not the work asked for
     assert result["sim_at_machine_speed"]["tokens"]["generated"] == result["sim"]["tokens"]["generated"]
+
+
+def test_ctrl_c_during_the_real_run_keeps_it_and_compares_nothing(tmp_path, monkeypatch):
+    import executor.engine as engine_module
+
+    step = engine_module.Engine.step
+    calls = {"n": 0}
+
+    def interrupted_step(self, now):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise KeyboardInterrupt
+        return step(self, now)
+
+    monkeypatch.setattr(engine_module.Engine, "step", interrupted_step)
+    out = tmp_path / "v"
+    assert main(["validate", str(SCENARIO), "--quiet", "--no-speed-probe", "--out", str(out)]) == 130
+    result = json.loads((out / "validation.json").read_text())
+    assert result["interrupted"] and "comparison" not in result
+    real = json.loads((out / "real" / "summary.json").read_text())
+    assert real["interrupted"] and real["requests"] == result["real"]["requests"]
+    assert not (out / "sim").exists()
