@@ -468,7 +468,8 @@ class KVCacheManager:
         return None
 
     def _refill(self, queue: deque, now: float, device: bool) -> bool:
-        """Queue the tier's `batch` lowest-scoring chunks as runs, in retention order; False if none.
+        """Queue the tier's `batch` lowest-scoring chunks as runs (one per conversation, by its lowest
+        score); False if none.
 
         Ties go to the longer-idle conversation, then to the earlier chunk in eviction order.
         """
@@ -489,7 +490,8 @@ class KVCacheManager:
         return True
 
     def _pick_chunks(self, candidates, now: float, device: bool, budget: int) -> list:
-        """The `budget` lowest (score, order, chunk) over the tier's evictable chunks, ascending.
+        """The `budget` lowest (score, order, chunk) over the tier's evictable chunks, as one run per
+        conversation, runs ascending by their lowest score.
 
         Conversations are visited longest-idle first, and a conversation's chunks score in
         nondecreasing order along eviction order. So once `budget` chunks are in hand, their
@@ -541,8 +543,11 @@ class KVCacheManager:
             return []
         # A conversation's picks are a prefix of its collected chunks (its scores rise along eviction
         # order), so the batch is one run per conversation, queued by its lowest score. Chunk by chunk
-        # the runs would interleave; the batch evicts the same set either way, and long runs cost a
-        # fraction of the bookkeeping of single chunks. (A batch of 1 is exact.)
+        # the runs would interleave; a batch used up before anything changes evicts the same set
+        # either way, and long runs cost a fraction of the bookkeeping of single chunks. A batch
+        # used in part can take a conversation's later chunks before another's cheaper first ones:
+        # the same kind of approximation as scoring in batches at all (a batch of 1 is exact). On
+        # the sim-10k scenario at 0.6/s: miss rate 30.5% (runs), 30.6% (interleaved), 30.2% (exact).
         if held <= budget:  # every collected chunk is picked
             score = policy.score
             runs = sorted((score(n - 1 - first if trailing else first, t), order, first, count, conv)

@@ -39,10 +39,14 @@ class EvictionPolicy:
         self._chunk_cost: list[float] = []
 
     def bind(self, chunk_tokens: int, max_chunks: int) -> None:
-        """Tabulate Cost(l) per chunk index once, so scoring is a list lookup in the hot path."""
-        self._chunk_cost = [
-            self.cost_model.chunk_recompute_s(i * chunk_tokens, chunk_tokens) for i in range(max_chunks + 1)
-        ]
+        """Tabulate Cost(l) per chunk index once, so scoring is a list lookup in the hot path.
+
+        Recomputing a chunk after more context never costs less, and victim selection relies on
+        a conversation's chunk costs rising along it; a cost model that dips (interpolating a
+        profile measured for another chunk size, say) is made nondecreasing here.
+        """
+        costs = [self.cost_model.chunk_recompute_s(i * chunk_tokens, chunk_tokens) for i in range(max_chunks + 1)]
+        self._chunk_cost = np.maximum.accumulate(costs).tolist()
         self._min_cost = min(self._chunk_cost)
         self._cost_array = np.asarray(self._chunk_cost)
 

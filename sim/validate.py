@@ -103,7 +103,7 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
     real run; their measured / predicted ratio is the machine's speed now against the profile's. The
     simulation is then run a second time with the profile scaled by it, and compared separately.
     """
-    from executor.cpu import torch_threads
+    from executor.cpu import serving_threads, torch_threads, tune_allocator
     from executor.profiler import machine_speed
     from executor.realtime import load_scenario_model, serve
 
@@ -117,7 +117,12 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
     loaded = load_scenario_model(scenario, source, device)
     if profile is not None:
         check_profile_device(profile.device, str(loaded.device), source)
-    threads = profiled_threads(cost, loaded.device.type)
+    threads = None
+    if loaded.device.type == "cpu":
+        # Probes, real run and profile must compute alike: the same allocator settings, and one fixed
+        # thread count (the profile's, else the engine's default), never the thread governor.
+        tune_allocator()
+        threads = profiled_threads(cost, "cpu") or serving_threads(loaded.dims)
     workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)
     probe = speed_probe and profile is not None
     speeds = []
@@ -127,23 +132,31 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
     real = serve(scenario, workload, loaded, progress=progress, cost_model=cost, threads=threads)
     head = {"scenario": scenario.name, "policy": scenario.cache.policy.type, "device": str(loaded.device),
             "profile": scenario.profile}
+    stopped = head | {"interrupted": True, "real": real.summary, "_real_run": real}
     if real.interrupted:  # keep the real turns that finished; a comparison with a part would mislead
-        return head | {"interrupted": True, "real": real.summary, "_real_run": real}
-    if probe:
-        with torch_threads(threads):
-            speeds.append(machine_speed(profile, loaded))
-    sim = simulate(scenario, workload, cost, progress=progress)
-    replay = replay_errors(real.steps, cost, scenario.cache.chunk_tokens)
-    result = head | {"comparison": compare_summaries(real.summary, sim.summary), "replay": replay,
-                     "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
-    if speeds:
-        factor = float(np.mean([s["factor"] for s in speeds]))
-        scaled = ScaledCostModel(cost, factor)
-        adjusted = simulate(scenario, workload, scaled, progress=progress)
-        result["machine_speed"] = {"factor": factor, "before": speeds[0], "after": speeds[1]}
-        result["comparison_at_machine_speed"] = compare_summaries(real.summary, adjusted.summary)
-        result["replay_at_machine_speed"] = replay_errors(real.steps, scaled, scenario.cache.chunk_tokens)
-        result["sim_at_machine_speed"] = adjusted.summary
+        return stopped
+    try:  # Ctrl-C from here on still keeps the whole real run
+        if probe:
+            with torch_threads(threads):
+                speeds.append(machine_speed(profile, loaded))
+        sim = simulate(scenario, workload, cost, progress=progress)
+        if sim.interrupted:
+            return stopped
+        replay = replay_errors(real.steps, cost, scenario.cache.chunk_tokens)
+        result = head | {"comparison": compare_summaries(real.summary, sim.summary), "replay": replay,
+                         "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
+        if speeds:
+            factor = float(np.mean([s["factor"] for s in speeds]))
+            scaled = ScaledCostModel(cost, factor)
+            adjusted = simulate(scenario, workload, scaled, progress=progress)
+            if adjusted.interrupted:
+                return stopped
+            result["machine_speed"] = {"factor": factor, "before": speeds[0], "after": speeds[1]}
+            result["comparison_at_machine_speed"] = compare_summaries(real.summary, adjusted.summary)
+            result["replay_at_machine_speed"] = replay_errors(real.steps, scaled, scenario.cache.chunk_tokens)
+            result["sim_at_machine_speed"] = adjusted.summary
+    except KeyboardInterrupt:
+        return stopped
     return result
 
 
@@ -207,8 +220,8 @@ def validate_command(args) -> int:
     out = Path(args.out or Path("results") / f"{scenario.name}-validate")
     write_validation(out, result, scenario)
     if result.get("interrupted"):
-        print(f"interrupted: wrote the {result['real']['requests']} real turns that finished to {out}/real/; "
-              "no comparison was made")
+        print(f"interrupted: wrote the {result['real']['requests']} real turns that finished to {out}/real/ "
+              "(all of them if the real run had ended); no comparison was made")
         return 130
     adjusted = result.get("comparison_at_machine_speed")
     table = []

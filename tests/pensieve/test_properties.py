@@ -21,9 +21,23 @@ turns = st.lists(st.tuples(st.integers(1, 20), st.integers(1, 12)), min_size=1, 
     conversations=st.lists(turns, min_size=1, max_size=6),
     gaps=st.lists(st.integers(0, 30), min_size=30, max_size=30),
     victims_per_pass=st.sampled_from([1, 3, 8]),
+    numpy_selection=st.booleans(),
 )
 def test_random_workloads_keep_every_invariant_and_finish(policy, device, host, threshold, reserve, batch_tokens,
-                                                          conversations, gaps, victims_per_pass):
+                                                          conversations, gaps, victims_per_pass, numpy_selection):
+    import pensieve.cache
+
+    few = pensieve.cache.FEW_CANDIDATES
+    # these tiers hold a handful of conversations: force the numpy selection path half the time
+    pensieve.cache.FEW_CANDIDATES = -1 if numpy_selection else few
+    try:
+        _random_workload(policy, device, host, threshold, reserve, batch_tokens, conversations, gaps,
+                         victims_per_pass)
+    finally:
+        pensieve.cache.FEW_CANDIDATES = few
+
+
+def _random_workload(policy, device, host, threshold, reserve, batch_tokens, conversations, gaps, victims_per_pass):
     d = Driver(make_core(policy, device, host, threshold=threshold, reserve=reserve,
                          max_batch_tokens=batch_tokens, max_batch_requests=4))
     sched, cache = d.sched, d.sched.cache
