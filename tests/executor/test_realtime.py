@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import executor.engine as engine_module
 from executor.models import preset_dims
 from pensieve.cli import main
+from tests.executor.interrupt import press_ctrl_c_after
 
 
 def scenario_file(tmp_path: Path) -> Path:
@@ -47,16 +47,7 @@ def test_run_serves_every_turn_and_pensieve_generates_what_stateless_does(tmp_pa
 
 
 def test_ctrl_c_during_run_writes_the_turns_that_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    step = engine_module.Engine.step
-    calls = {"n": 0}
-
-    def interrupted_step(self, now):
-        calls["n"] += 1
-        if calls["n"] > 25:
-            raise KeyboardInterrupt
-        return step(self, now)
-
-    monkeypatch.setattr(engine_module.Engine, "step", interrupted_step)
+    press_ctrl_c_after(monkeypatch, steps=25)
     out = tmp_path / "r"
     assert main(["run", str(scenario_file(tmp_path)), "--quiet", "--out", str(out)]) == 130
     summary = json.loads((out / "summary.json").read_text())

@@ -37,18 +37,9 @@ def test_validate_runs_both_sides_and_reports(tmp_path):
 
 
 def test_ctrl_c_during_the_real_run_keeps_it_and_compares_nothing(tmp_path, monkeypatch):
-    import executor.engine as engine_module
+    from tests.executor.interrupt import press_ctrl_c_after
 
-    step = engine_module.Engine.step
-    calls = {"n": 0}
-
-    def interrupted_step(self, now):
-        calls["n"] += 1
-        if calls["n"] > 40:
-            raise KeyboardInterrupt
-        return step(self, now)
-
-    monkeypatch.setattr(engine_module.Engine, "step", interrupted_step)
+    press_ctrl_c_after(monkeypatch, steps=40)
     out = tmp_path / "v"
     assert main(["validate", str(SCENARIO), "--quiet", "--no-speed-probe", "--out", str(out)]) == 130
     result = json.loads((out / "validation.json").read_text())
