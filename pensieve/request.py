@@ -2,6 +2,26 @@
 from __future__ import annotations
 
 
+class StepClock:
+    """Decode steps completed so far, the clock that running requests' token counters follow.
+
+    Every running request decodes one token per step, so its `generated` and its conversation's
+    `tokens` and `kv_tokens` all grow by one per step. Rather than adding 1 to each of them every
+    step (the bulk of a step's bookkeeping at a hundred decodes), a counter that follows a clock
+    reads `base + clock.ticks - since`: one tick advances them all, and the scheduler only has
+    work for requests with something due (a new chunk, the end of the turn).
+    """
+
+    __slots__ = ("ticks",)
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+
+# The clock of counters that are not advancing: it never ticks.
+STILL = StepClock()
+
+
 class Conversation:
     """One conversation's token counts and where each of its KV chunks lives.
 
@@ -14,17 +34,42 @@ class Conversation:
     trailing) run.
     """
 
-    __slots__ = ("id", "tokens", "kv_tokens", "dev", "host", "d", "h", "b", "last_active", "active")
+    __slots__ = ("id", "_tokens", "_kv_tokens", "_clock", "_since", "dev", "host", "d", "h", "b", "last_active",
+                 "active")
 
     def __init__(self, conversation_id, now: float) -> None:
         self.id = conversation_id
-        self.tokens = 0  # every token of the conversation so far (prompts and answers)
-        self.kv_tokens = 0  # leading tokens whose KV has been computed; the rest is pending
+        self._clock, self._since = STILL, 0
+        self._tokens = 0
+        self._kv_tokens = 0
         self.dev: list[int] = []
         self.host: list[int] = []
         self.d = self.h = self.b = 0
         self.last_active = now
         self.active = False  # a request of this conversation is admitted: its chunks are pinned
+
+    @property
+    def tokens(self) -> int:
+        """Every token of the conversation so far (prompts and answers)."""
+        return self._tokens + self._clock.ticks - self._since
+
+    @tokens.setter
+    def tokens(self, value: int) -> None:
+        self._tokens = value - self._clock.ticks + self._since
+
+    @property
+    def kv_tokens(self) -> int:
+        """Leading tokens whose KV has been computed; the rest is pending."""
+        return self._kv_tokens + self._clock.ticks - self._since
+
+    @kv_tokens.setter
+    def kv_tokens(self, value: int) -> None:
+        self._kv_tokens = value - self._clock.ticks + self._since
+
+    def follow(self, clock: StepClock) -> None:
+        """Let the token counters follow `clock` from now on (STILL: stop them), keeping their values."""
+        self._tokens, self._kv_tokens = self.tokens, self.kv_tokens
+        self._clock, self._since = clock, clock.ticks
 
     @property
     def chunks(self) -> int:
@@ -36,7 +81,7 @@ class Request:
 
     __slots__ = (
         "id", "conversation_id", "turn", "arrival", "prompt_tokens", "output_tokens",
-        "conversation", "generated", "admitted", "first_token", "finish", "stopped_early",
+        "conversation", "_generated", "_clock", "_since", "grow_at", "finish_at", "admitted", "first_token", "finish", "stopped_early",
         "history_tokens", "gpu_hit_tokens", "cpu_hit_tokens", "recomputed_tokens",
         "new_prompt_tokens", "swap_in_chunks", "suspensions", "resume_recomputed_tokens",
     )
@@ -57,7 +102,11 @@ class Request:
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         self.conversation: Conversation | None = None
-        self.generated = 0
+        self._clock, self._since = STILL, 0
+        self._generated = 0
+        # While it decodes: the step clock's readings at which it needs its next chunk and at
+        # which its turn ends (the scheduler's due lists are keyed by them).
+        self.grow_at = self.finish_at = -1
         self.admitted: float | None = None
         self.first_token: float | None = None
         self.finish: float | None = None
@@ -73,6 +122,24 @@ class Request:
         self.swap_in_chunks = 0
         self.suspensions = 0
         self.resume_recomputed_tokens = 0  # recomputation caused by suspension, kept apart
+
+    @property
+    def generated(self) -> int:
+        return self._generated + self._clock.ticks - self._since
+
+    @generated.setter
+    def generated(self, value: int) -> None:
+        self._generated = value - self._clock.ticks + self._since
+
+    @property
+    def decoding(self) -> bool:
+        """Whether its counters follow the scheduler's step clock (it decodes every step)."""
+        return self._clock is not STILL
+
+    def follow(self, clock: StepClock) -> None:
+        """Let `generated` follow `clock` from now on (STILL: stop it), keeping its value."""
+        self._generated = self.generated
+        self._clock, self._since = clock, clock.ticks
 
     @property
     def done(self) -> bool:

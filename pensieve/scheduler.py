@@ -13,7 +13,7 @@ from collections import deque
 
 from .cache import KVCacheManager
 from .plan import PrefillItem, StepPlan, StepResult
-from .request import Request
+from .request import STILL, Request, StepClock
 
 
 def _arrival_key(request: Request) -> tuple[float, int]:
@@ -41,7 +41,16 @@ class Scheduler:
         self.requests: dict[int, Request] = {}  # unfinished requests by id
         self.finished: list[Request] = []
         self._open_turns: set = set()  # conversations with an unfinished turn
-        self._decoding: list[Request] = []  # the decodes of the latest plan, as objects
+        self._running_ids: list[int] = []  # the ids of `running`, in its order: the next plan's decodes
+        # Running requests' token counters follow this clock (see StepClock). The due lists hold,
+        # per clock reading, the decodes whose next token needs a new chunk then (checked by
+        # `schedule`) and those whose turn ends then (checked by `complete`); everything else
+        # about a decode is known without visiting it.
+        self.clock = StepClock()
+        self._grow_due: dict[int, list[Request]] = {}
+        self._finish_due: dict[int, list[Request]] = {}
+        self._kv_base = 0  # sum over decoding requests of (kv_tokens - clock.ticks): moves with no tick
+        self._planned: int | None = None  # the step planned and not yet completed
         self.steps = 0
         self.suspensions = 0
 
@@ -85,39 +94,39 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
     def schedule(self, now: float) -> StepPlan:
         cache = self.cache
+        if self._planned is not None:
+            raise RuntimeError(f"step {self._planned} was planned but not completed; call complete() first")
         cache.begin_step()
-        ct = cache.chunk_tokens
-        running = self.running
+        running, ids = self.running, self._running_ids
         suspended: list[int] = []
-        # The common case in one tight pass: every decode already has a slot for its token,
-        # or gets one. A decode that cannot sends the rest through the suspending loop below.
-        context = 0
-        stuck = -1
-        for i, r in enumerate(running):
-            conv = r.conversation
-            kv = conv.kv_tokens
-            if kv >= len(conv.dev) * ct and not cache.grow(conv, now):
-                stuck = i
-                break
-            context += kv
-        if stuck >= 0:
-            i = stuck
-            while i < len(running):
-                r = running[i]
+        # Every running request decodes one token at position kv_tokens. Only those whose next
+        # token starts a new chunk need anything: a slot (`grow`), or, when none can be found,
+        # suspending the latest-arrived request until one is (§4.3.5). They go in running order.
+        ticks = self.clock.ticks
+        due = self._grow_due.pop(ticks, None)
+        if due:
+            if len(due) > 1:
+                due.sort(key=_arrival_key)
+            for r in due:
+                if r.grow_at != ticks:
+                    continue  # stale: it finished, was suspended or was re-planned since
                 conv = r.conversation
-                if conv.kv_tokens >= len(conv.dev) * ct and not cache.grow(conv, now):
-                    victim = running.pop()  # the latest arrival gives way (§4.3.5)
+                while not cache.grow(conv, now):
+                    victim = running.pop()  # the latest arrival gives way
+                    ids.pop()
                     self._suspend(victim, now)
                     suspended.append(victim.id)
-                    continue  # retry r, unless it was the victim
-                context += conv.kv_tokens
-                i += 1
-        self._decoding = list(running)
-        decodes = [r.id for r in running]
-        context += len(decodes)
+                    if victim is r:
+                        break
+                else:
+                    self._plan_grow(r, conv, ticks)
+        decodes = ids.copy()
+        # Each decode's context is its kv_tokens plus the token itself.
+        context = self._kv_base + len(decodes) * (ticks + 1)
 
         prefills: list[PrefillItem] = []
         batch_tokens = len(decodes)
+        ct = cache.chunk_tokens
         admit_limit = (1 - self.decode_reserve) * cache.device.capacity
         waiting = self.waiting
         while waiting and len(running) < self.max_batch_requests:
@@ -147,30 +156,41 @@ class Scheduler:
                 r.resume_recomputed_tokens += restore.recomputed_tokens
             r.swap_in_chunks += restore.swap_in_chunks
             if running and _arrival_key(running[-1]) > _arrival_key(r):
-                bisect.insort(running, r, key=_arrival_key)
+                i = bisect.bisect(running, _arrival_key(r), key=_arrival_key)
+                running.insert(i, r)
+                ids.insert(i, r.id)
             else:
                 running.append(r)
+                ids.append(r.id)
             prefills.append(PrefillItem(r.id, conv.id, restore.spans, conv.tokens))
             batch_tokens += query
 
         cache.swap_out_ahead(now, self.swap_out_threshold)
         self.steps += 1
-        return StepPlan(self.steps, decodes, context, prefills, cache.swap_out_ops, cache.swap_in_ops,
+        plan = StepPlan(self.steps, decodes, context, prefills, cache.swap_out_ops, cache.swap_in_ops,
                         cache.dropped_this_step, suspended)
+        # A plan with tokens must be completed before the next; an empty one (nothing to run)
+        # may simply be dropped by a driver that waits for work.
+        self._planned = None if plan.empty else plan.index
+        return plan
 
     def complete(self, plan: StepPlan, result: StepResult | None, now: float) -> list[Request]:
-        """Apply a step's outcome: one new token per request, finished turns released."""
+        """Apply the latest plan's outcome: one new token per request, finished turns released."""
+        if plan.index != self._planned and not (plan.empty and plan.index == self.steps):
+            raise RuntimeError(f"complete() got step {plan.index}'s plan, but the step awaiting completion is "
+                               f"{self._planned}")
+        self._planned = None
         requests = self.requests
         stopped = result.stopped if result is not None else ()
+        clock = self.clock
+        clock.ticks += 1  # every decode of the plan has its token: their counters follow the clock
+        ticks = clock.ticks
         finished: list[Request] = []
-        decoding = self._decoding if plan.index == self.steps else [requests[rid] for rid in plan.decodes]
-        for r in decoding:
-            conv = r.conversation
-            conv.kv_tokens += 1
-            conv.tokens += 1
-            r.generated += 1
-            if r.generated >= r.output_tokens:
-                finished.append(r)
+        due = self._finish_due.pop(ticks, None)
+        if due:
+            finished = [r for r in due if r.finish_at == ticks]
+            if len(finished) > 1:
+                finished.sort(key=_arrival_key)  # released in running order, as they decoded
         for item in plan.prefills:
             r = requests[item.request_id]
             conv = r.conversation
@@ -181,25 +201,61 @@ class Scheduler:
                 r.first_token = now
             if r.generated >= r.output_tokens:
                 finished.append(r)
+            else:
+                self._start_decoding(r, conv)
         for rid in stopped:
             r = requests[rid]
             if r.generated < r.output_tokens:
                 r.stopped_early = True
                 finished.append(r)
         if finished:
+            running, ids = self.running, self._running_ids
             for r in finished:
+                self._stop_decoding(r)
                 r.finish = now
                 self.cache.release(r.conversation, now)
                 del requests[r.id]
                 self._open_turns.discard(r.conversation_id)
                 self.finished.append(r)
-            self.running = [r for r in self.running if r.finish is None]
+                i = running.index(r)
+                del running[i]
+                del ids[i]
         self.cache.end_step()
         return finished
 
     # ------------------------------------------------------------------ helpers
+    def _start_decoding(self, r: Request, conv) -> None:
+        """`r` decodes from the next step on: its counters follow the clock, its due steps are set."""
+        clock = self.clock
+        ticks = clock.ticks
+        conv.follow(clock)
+        r.follow(clock)
+        self._kv_base += conv.kv_tokens - ticks
+        r.finish_at = ticks + r.output_tokens - r.generated
+        self._finish_due.setdefault(r.finish_at, []).append(r)
+        self._plan_grow(r, conv, ticks)
+
+    def _plan_grow(self, r: Request, conv, ticks: int) -> None:
+        """Note the clock reading at which `r`'s next token starts a new chunk, if its turn lasts that long."""
+        at = ticks + max(0, len(conv.dev) * self.cache.chunk_tokens - conv.kv_tokens)
+        if at < r.finish_at:
+            r.grow_at = at
+            self._grow_due.setdefault(at, []).append(r)
+        else:
+            r.grow_at = -1
+
+    def _stop_decoding(self, r: Request) -> None:
+        """`r` leaves the batch: its counters stop where they are (due entries left behind go stale)."""
+        if r.decoding:
+            conv = r.conversation
+            self._kv_base -= conv.kv_tokens - self.clock.ticks
+            conv.follow(STILL)
+            r.follow(STILL)
+        r.grow_at = r.finish_at = -1
+
     def _suspend(self, request: Request, now: float) -> None:
         """Take a running request out of the batch; its chunks become evictable; it re-queues."""
+        self._stop_decoding(request)
         request.suspensions += 1
         self.suspensions += 1
         self.cache.release(request.conversation, now)
@@ -215,3 +271,26 @@ class Scheduler:
         elif conv.d:
             dropped = conv.kv_tokens - (conv.chunks - conv.d) * ct
         return dropped + conv.tokens - conv.kv_tokens
+
+    # ------------------------------------------------------------------ checks
+    def check_invariants(self) -> None:
+        """Recount the scheduler's books and the cache's from scratch (tests); AssertionError if off."""
+        self.cache.check_invariants()
+        ct = self.cache.chunk_tokens
+        ticks = self.clock.ticks
+        assert self._running_ids == [r.id for r in self.running]
+        assert [_arrival_key(r) for r in self.running] == sorted(_arrival_key(r) for r in self.running)
+        decoding = [r for r in self.running if r.decoding]
+        if self._planned is None:
+            assert len(decoding) == len(self.running), "between steps every running request decodes"
+        assert self._kv_base == sum(r.conversation.kv_tokens - ticks for r in decoding)
+        for r in decoding:
+            conv = r.conversation
+            assert conv.tokens == conv.kv_tokens + 1
+            assert r.finish_at == ticks + r.output_tokens - r.generated > ticks
+            assert r in self._finish_due[r.finish_at]
+            grow_at = ticks + max(0, conv.chunks * ct - conv.kv_tokens)
+            if r.grow_at >= 0:
+                assert r.grow_at == grow_at and r in self._grow_due[grow_at], (r, r.grow_at, grow_at)
+            else:
+                assert grow_at >= r.finish_at, (r, grow_at, r.finish_at)

@@ -44,7 +44,7 @@ class Driver:
             conv = self.sched.requests[item.request_id].conversation
             assert conv.active and item.context_tokens <= conv.chunks * ct and min(conv.dev) >= 0
         finished = self.sched.complete(plan, self.backend.execute(plan), now)
-        self.sched.cache.check_invariants()
+        self.sched.check_invariants()
         return plan, finished
 
     def run(self, now: float, dt: float = 0.001, limit: int = 10_000) -> float:
