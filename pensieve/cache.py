@@ -105,9 +105,9 @@ class KVCacheManager:
 
     def end_step(self) -> None:
         """The backend has carried out the step's copies: host slots read by swap-ins are free."""
-        for slot in self._host_limbo:
-            self.host.release(slot)
-        self._host_limbo.clear()
+        if self._host_limbo:
+            self.host.free.extend(self._host_limbo)
+            self._host_limbo.clear()
 
     # ------------------------------------------------------------------ conversations
     def conversation(self, conversation_id, now: float) -> Conversation:

@@ -303,6 +303,7 @@ class ProfileCostModel(CostModel):
             rows.update({1: decode_rows[1], chunk: self.chunk_attention})
             self.prefill_attention = Surface(rows, Curve(*np.array(diagonal).T))
         self.non_attention = _curve(src, t["non_attention_s"], "non_attention_s")
+        self._non_attention_memo: dict[int, float] = {}
         self.per_sequence_s = max(_point(src, t["per_sequence_s"], "per_sequence_s"), 0.0)
         self.overhead_s = _point(src, t["step_overhead_s"], "step_overhead_s")
         self.copy_chunk_s = {d: _point(src, t["copy_s"][d]["chunk_s"], d) for d in DIRECTIONS}
@@ -378,7 +379,7 @@ class ProfileCostModel(CostModel):
         # (decodes_s and non_attention_s inlined: the simulator calls this once per step)
         decode = self.decode_call_s + self.decode_context_s * context + self.decode_token_s * decodes if decodes else 0.0
         sequences = len(plan.decodes) + len(plan.prefills)
-        return (self.overhead_s + self.non_attention(tokens) + self.per_sequence_s * max(sequences - 1, 0) + prefill
+        return (self.overhead_s + self._non_attention_of(tokens) + self.per_sequence_s * max(sequences - 1, 0) + prefill
                 + decode)
 
     def step_time_s(self, plan, chunk_tokens: int) -> float:
@@ -389,6 +390,12 @@ class ProfileCostModel(CostModel):
         compute, cannot overlap); swap-out uses the host link only where swap-in leaves it idle, adding time
         only when both together outlast the step. Without one (CPU: a copy is a memcpy), everything adds up.
         """
+        if not plan.prefills and not plan.swap_in and not plan.swap_out and plan.decodes:
+            # Decodes alone, most of a simulation's steps: compute_s's sum with its zero terms left
+            # out (adding 0.0 changes no float, so the result is the same to the last bit).
+            n = len(plan.decodes)
+            return (self.overhead_s + self._non_attention_of(n) + self.per_sequence_s * (n - 1)
+                    + (self.decode_call_s + self.decode_context_s * plan.decode_context_tokens + self.decode_token_s * n))
         compute = self.compute_s(plan)
         swap_in = self.copy_s(len(plan.swap_in), "host_to_device", chunk_tokens)
         swap_out = self.copy_s(len(plan.swap_out), "device_to_host", chunk_tokens)
@@ -397,6 +404,13 @@ class ProfileCostModel(CostModel):
         layers = self.profile.model.layers
         step = max(compute + swap_in / layers, swap_in + compute / layers) if swap_in else compute
         return max(step, swap_in + swap_out)
+
+    def _non_attention_of(self, tokens: int) -> float:
+        """non_attention(tokens), remembered per token count (a step's count repeats step after step)."""
+        seconds = self._non_attention_memo.get(tokens)
+        if seconds is None:
+            seconds = self._non_attention_memo[tokens] = self.non_attention(tokens)
+        return seconds
 
 
 def _fit_decodes(rows: dict[int, Curve]) -> tuple[float, float, float]:

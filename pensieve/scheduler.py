@@ -125,10 +125,11 @@ class Scheduler:
         context = self._kv_base + len(decodes) * (ticks + 1)
 
         prefills: list[PrefillItem] = []
-        batch_tokens = len(decodes)
-        ct = cache.chunk_tokens
-        admit_limit = (1 - self.decode_reserve) * cache.device.capacity
         waiting = self.waiting
+        if waiting:
+            batch_tokens = len(decodes)
+            ct = cache.chunk_tokens
+            admit_limit = (1 - self.decode_reserve) * cache.device.capacity
         while waiting and len(running) < self.max_batch_requests:
             r = waiting[0]
             conv = r.conversation
@@ -171,7 +172,7 @@ class Scheduler:
                         cache.dropped_this_step, suspended)
         # A plan with tokens must be completed before the next; an empty one (nothing to run)
         # may simply be dropped by a driver that waits for work.
-        self._planned = None if plan.empty else plan.index
+        self._planned = plan.index if decodes or prefills else None
         return plan
 
     def complete(self, plan: StepPlan, result: StepResult | None, now: float) -> list[Request]:
@@ -222,6 +223,22 @@ class Scheduler:
                 del ids[i]
         self.cache.end_step()
         return finished
+
+    def completion_finishes(self, plan: StepPlan) -> bool:
+        """Whether completing the planned step (with no early stops) would finish some request."""
+        ticks = self.clock.ticks + 1
+        due = self._finish_due.get(ticks)
+        if due:
+            for r in due:
+                if r.finish_at == ticks:
+                    return True
+        if plan.prefills:
+            requests = self.requests
+            for item in plan.prefills:
+                r = requests[item.request_id]
+                if r.generated + 1 >= r.output_tokens:
+                    return True
+        return False
 
     # ------------------------------------------------------------------ helpers
     def _start_decoding(self, r: Request, conv) -> None:
