@@ -37,8 +37,10 @@ class SimRun:
 class _Server:
     """Runs the core's loop on simulated time; wakes when a turn arrives while it is idle."""
 
-    def __init__(self, env: simpy.Environment, sched: Scheduler, cost: CostModel, progress) -> None:
+    def __init__(self, env: simpy.Environment, sched: Scheduler, cost: CostModel, progress,
+                 chain_steps: bool = True) -> None:
         self.env = env
+        self.chain_steps = chain_steps
         self.sched = sched
         self.cost = cost
         self.progress = progress
@@ -72,7 +74,7 @@ class _Server:
             # the same sums one timeout per step would make (the last check keeps the final
             # timeout's `start + delay` exact), so the results are identical; only the event
             # loop's per-step overhead goes, and most steps of a long run are such steps.
-            horizon = min(env.peek(), self._next_sample)
+            horizon = min(env.peek(), self._next_sample) if self.chain_steps else end
             while end < horizon and start + (end - start) == end and not sched.completion_finishes(plan):
                 sched.complete(plan, None, end)
                 self.steps += 1
@@ -109,13 +111,17 @@ def _conversation(env: simpy.Environment, server: _Server, conv: Conversation, i
 
 
 def simulate(scenario: Scenario, workload: Workload, cost: CostModel, progress: bool = True,
-             until_s: float = math.inf) -> SimRun:
-    """Replay `workload` through the scenario's core on simulated time. Ctrl-C keeps what finished."""
+             until_s: float = math.inf, chain_steps: bool = True) -> SimRun:
+    """Replay `workload` through the scenario's core on simulated time. Ctrl-C keeps what finished.
+
+    `chain_steps=False` gives every step its own SimPy event: slower, with the same results (a test
+    holds the fast path to that).
+    """
     sched = build_scheduler(scenario, cost)
     env = simpy.Environment()
     bar = tqdm(total=workload.requests, desc=f"simulate {scenario.cache.policy.type}", unit="req",
                disable=not progress, mininterval=0.5)
-    server = _Server(env, sched, cost, bar)
+    server = _Server(env, sched, cost, bar, chain_steps)
     ids = iter(range(10**12))
     for conv in workload.conversations:
         env.process(_conversation(env, server, conv, ids))

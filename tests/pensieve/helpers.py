@@ -43,7 +43,10 @@ class Driver:
         for item in plan.prefills:
             conv = self.sched.requests[item.request_id].conversation
             assert conv.active and item.context_tokens <= conv.chunks * ct and min(conv.dev) >= 0
-        finished = self.sched.complete(plan, self.backend.execute(plan), now)
+        result = self.backend.execute(plan)
+        will_finish = self.sched.completion_finishes(plan)
+        finished = self.sched.complete(plan, result, now)
+        assert will_finish == bool(finished) or result.stopped, (will_finish, finished)
         self.sched.check_invariants()
         return plan, finished
 

@@ -314,3 +314,12 @@ def test_prefill_attention_without_a_table_sums_chunk_pieces(spans) -> None:
     expected = sum(min(CHUNK, s + n - a) / CHUNK * 1e-6 * ((a + min(a + CHUNK, s + n)) / 2 + CHUNK / 2)
                    for s, n in spans for a in range(s, s + n, CHUNK))
     assert cost.prefill_s(spans, context) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("cm", _cost_models(), ids=lambda cm: Path(cm.profile.path).stem)
+def test_decode_only_steps_cost_what_the_general_path_computes_to_the_bit(cm):
+    rng = random.Random(3)
+    for _ in range(300):
+        p = plan([rng.randrange(1, 16000) for _ in range(rng.randrange(1, 300))])
+        general = cm.compute_s(p)  # no copies: the step is its compute
+        assert cm.step_time_s(p, CHUNK) == general

@@ -117,3 +117,34 @@ def test_backend_reported_eos_finishes_a_turn_early():
     sched.complete(plan, StepResult(stopped=frozenset({0})), 0.1)
     assert r.done and r.stopped_early and r.generated == 1
     assert sched.cache.conversations["A"].tokens == 6
+
+
+def test_counters_of_running_turns_advance_every_step_without_being_visited():
+    sched = make_core("pensieve", 100, 0, chunk_tokens=4)
+    d = Driver(sched)
+    a = d.add("A", 0, 0.0, 5, 12)
+    b = d.add("B", 0, 0.0, 3, 7)
+    d.step(0.1)  # both prefill and produce their first token
+    for k in range(2, 8):
+        d.step(0.1 * k)
+        assert a.generated == b.generated == k
+        assert sched.cache.conversations["A"].tokens == 5 + k and sched.cache.conversations["B"].tokens == 3 + k
+    assert b.done and b.generated == 7 and not a.done
+    d.run(1.0)
+    assert a.generated == 12 and sched.cache.conversations["A"].kv_tokens == 16  # the last token's KV is pending
+    assert not a.decoding and sched.clock.ticks == 12
+
+
+def test_complete_takes_only_the_plan_awaiting_completion():
+    sched = make_core("pensieve", 100, 0)
+    empty = sched.schedule(0.0)
+    assert empty.empty
+    sched.add_request(Request(0, "A", 0, 0.0, 5, 3))  # an empty plan may be dropped unfinished
+    plan = sched.schedule(0.1)
+    with pytest.raises(RuntimeError, match="not completed"):
+        sched.schedule(0.2)
+    with pytest.raises(RuntimeError, match="awaiting completion"):
+        sched.complete(empty, None, 0.2)
+    sched.complete(plan, None, 0.2)
+    with pytest.raises(RuntimeError, match="awaiting completion"):
+        sched.complete(plan, None, 0.3)  # twice

@@ -34,6 +34,22 @@ def test_same_scenario_and_seed_same_summary():
     assert strip_wall(c.summary) != strip_wall(a.summary)
 
 
+@pytest.mark.parametrize("policy", ["pensieve", "lru", "stateless"])
+def test_steps_chained_without_events_give_the_results_of_one_event_per_step(policy):
+    """The server runs quiet steps back to back; with an event per step every number is the same."""
+    data = {**BASE, "cache": {**BASE["cache"], "policy": policy}}
+    scenario = parse_scenario(data)
+    workload = build_workload(scenario.workload, rng_for(scenario))
+    chained = simulate(scenario, workload, AffineCost(), progress=False)
+    stepwise = simulate(scenario, workload, AffineCost(), progress=False, chain_steps=False)
+    assert strip_wall(chained.summary) == strip_wall(stepwise.summary)
+    assert chained.summary["steps"] > 10 * chained.summary["requests"]
+    assert chained.timeline == stepwise.timeline
+    fields = ("id", "arrival", "admitted", "first_token", "finish", "generated", "gpu_hit_tokens", "recomputed_tokens")
+    assert [[getattr(r, f) for f in fields] for r in chained.finished] == \
+        [[getattr(r, f) for f in fields] for r in stepwise.finished]
+
+
 def test_every_turn_finishes_and_the_books_balance():
     r = run(BASE)
     s = r.summary
