@@ -76,7 +76,11 @@ class KVCacheManager:
         self.idle_device: dict[object, Conversation] = {}
         self.active_slots = 0  # device slots pinned by active conversations
         self.clean_count = 0  # device chunks that also have a host copy (reclaimable for free)
-        self._clean: deque[tuple[Conversation, int]] = deque()  # reclaim order = swap-out order
+        # Chunks copied to the host whose device copy is still there, in copy order (the reclaim
+        # order), as runs (conversation, first position, count). `_clean_queued` counts the chunks
+        # the runs hold, stale ones included.
+        self._clean: deque[tuple[Conversation, int, int]] = deque()
+        self._clean_queued = 0
         # Victims are selected in batches (one scoring pass over idle conversations yields many
         # victims in retention order) because scoring every conversation per evicted chunk is
         # O(conversations); a batch of 1 is exact at every eviction.
@@ -151,10 +155,13 @@ class KVCacheManager:
                 self.host.release(conv.host[i])
                 conv.host[i] = -1
                 self.clean_count -= 1
+        # Every slot at once, in the order one-by-one requests would get them: taking them changes
+        # nothing that this conversation's own moves below depend on.
+        slots = self._obtain_device_slots(conv.h + -(-conv.tokens // ct) - n, now)
+        assert len(slots) == conv.h + -(-conv.tokens // ct) - n, "feasibility was checked"
         for k in range(conv.h):
             i = n - 1 - k if self.trailing else k
-            slot = self._obtain_device_slot(now)
-            assert slot >= 0, "feasibility was checked"
+            slot = slots[k]
             tokens = min(ct, kv - i * ct)
             if k < conv.d:
                 dropped.append(i)
@@ -167,13 +174,11 @@ class KVCacheManager:
                 swapped_in += 1
             conv.dev[i] = slot
             self.active_slots += 1
+        new = slots[conv.h:]
         conv.d = conv.h = conv.b = 0
-        while conv.chunks * ct < conv.tokens:
-            slot = self._obtain_device_slot(now)
-            assert slot >= 0, "feasibility was checked"
-            conv.dev.append(slot)
-            conv.host.append(-1)
-            self.active_slots += 1
+        conv.dev.extend(new)
+        conv.host.extend([-1] * len(new))
+        self.active_slots += len(new)
         self.stats.swap_in_chunks += swapped_in
         spans = _merge_spans([(i * ct, min(ct, kv - i * ct)) for i in sorted(dropped)] + [(kv, conv.tokens - kv)])
         return Restore(spans, gpu, cpu, recomputed, conv.tokens - kv, swapped_in)
@@ -269,21 +274,63 @@ class KVCacheManager:
             return slot
         return self._evict_device_chunk(now)
 
+    def _obtain_device_slots(self, count: int, now: float) -> list[int]:
+        """`count` device slots (fewer only if the tier runs out), exactly as `count` calls of
+        `_obtain_device_slot` would give them, taken a run at a time."""
+        free = self.device.free
+        slots: list[int] = []
+        while len(slots) < count:
+            want = count - len(slots)
+            if free:
+                take = min(want, len(free))
+                slots += free[:-take - 1:-1]  # what `take` pops would give, in their order
+                del free[-take:]
+            elif not self._reclaim_clean_run(want, slots):
+                slot = self._evict_device_chunk(now)
+                if slot < 0:
+                    break
+                slots.append(slot)
+        return slots
+
     def _reclaim_clean(self) -> int:
         """The device slot of the oldest swapped-out chunk still there, or -1."""
+        slots: list[int] = []
+        return slots[0] if self._reclaim_clean_run(1, slots) else -1
+
+    def _reclaim_clean_run(self, most: int, slots: list[int]) -> int:
+        """Append to `slots` the device slots of up to `most` of the oldest swapped-out chunks still
+        there, all of one conversation; how many (0: none left).
+
+        A queued chunk at position j is still reclaimable if its conversation is idle and j == h < b
+        (the next chunk on both tiers); a run's chunks before h went already, and if h lies outside
+        the run, or the conversation was restored, the whole run is stale.
+        """
         clean = self._clean
         while clean:
-            conv, k = clean.popleft()
-            if not conv.active and conv.h == k < conv.b:
-                i = len(conv.dev) - 1 - k if self.trailing else k
-                slot = conv.dev[i]
-                conv.dev[i] = -1
-                conv.h += 1
-                self.clean_count -= 1
-                self.stats.reclaimed_chunks += 1
-                return slot
+            conv, k, count = clean[0]
+            j = conv.h
+            if conv.active or not k <= j < k + count or j >= conv.b:
+                clean.popleft()
+                self._clean_queued -= count
+                continue
+            take = min(most, k + count - j, conv.b - j)
+            dev, n = conv.dev, len(conv.dev)
+            for p in range(j, j + take):
+                i = n - 1 - p if self.trailing else p
+                slots.append(dev[i])
+                dev[i] = -1
+            conv.h = j + take
+            left = k + count - conv.h
+            if left:
+                clean[0] = (conv, conv.h, left)
+            else:
+                clean.popleft()
+            self._clean_queued -= count - left
+            self.clean_count -= take
+            self.stats.reclaimed_chunks += take
+            return take
         assert self.clean_count == 0, self.clean_count
-        return -1
+        return 0
 
     def _evict_device_chunk(self, now: float) -> int:
         """Evict one device-only chunk of an idle conversation (swap out, or drop); its slot or -1."""
@@ -327,21 +374,29 @@ class KVCacheManager:
         """Record copies of the conversation's next `count` device-only chunks into free host slots;
         the device copies stay (clean) until their slots are reclaimed. The caller counts them."""
         n, dev, host = len(conv.dev), conv.dev, conv.host
-        free, ops, clean, trailing = self.host.free, self.swap_out_ops, self._clean, self.trailing
+        free, ops, trailing = self.host.free, self.swap_out_ops, self.trailing
         for k in range(conv.b, conv.b + count):
             i = n - 1 - k if trailing else k
             slot = free.pop()
             ops.append((dev[i], slot))
             host[i] = slot
-            clean.append((conv, k))
+        self._clean.append((conv, conv.b, count))
+        self._clean_queued += count
         conv.b += count
         if conv.b == n:
             del self.idle_device[conv.id]
 
     def _compact_clean(self) -> None:
         """Drop reclaim entries of conversations restored since they were queued, now and then."""
-        if len(self._clean) > 4 * self.clean_count + 1024:
-            self._clean = deque(e for e in self._clean if not e[0].active and e[0].h <= e[1] < e[0].b)
+        if self._clean_queued > 4 * self.clean_count + 1024:
+            kept = deque()
+            for conv, k, count in self._clean:  # each run's chunks in [h, b) of an idle conversation
+                if not conv.active:
+                    first, end = max(k, conv.h), min(k + count, conv.b)
+                    if first < end:
+                        kept.append((conv, first, end - first))
+            self._clean = kept
+            self._clean_queued = sum(count for _, _, count in kept)
 
     def _host_room(self, count: int, now: float, exclude: Conversation | None) -> int:
         """Free up to `count` host slots by dropping host-only chunks by policy; how many are free."""
