@@ -13,6 +13,7 @@ planned. Which idle conversation gives up a chunk is the policy's call; the mech
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
 
 import numpy as np
@@ -27,6 +28,8 @@ MIN_BATCH = 64
 # Below this many candidate conversations a scoring pass merges their chunk sequences in plain
 # Python; above it, it scores them with numpy and prunes.
 FEW_CANDIDATES = 32
+# Conversations read and scored together by a numpy scoring pass.
+PICK_BLOCK = 128
 
 
 @dataclass
@@ -550,52 +553,59 @@ class KVCacheManager:
 
         Conversations are visited longest-idle first, and a conversation's chunks score in
         nondecreasing order along eviction order. So once `budget` chunks are in hand, their
-        budget-th smallest score `bound` prunes: a conversation whose next chunk scores no lower
-        contributes nothing, and the pass ends when the policy's score floor for the younger
-        conversations left reaches `bound`. The scoring itself is vectorised.
+        budget-th smallest score `bound` prunes: a conversation contributes only its chunks that
+        score under it, and the pass ends when the policy's score floor for the younger
+        conversations left reaches `bound`. Conversations are read a block at a time and scored
+        with numpy: a pass that visits hundreds of them spends most of its time on Python's
+        per-conversation overhead otherwise. (A block is pruned with the bound it started with:
+        looser, so it may collect more, never less; the picks are the same.)
         """
         if len(candidates) <= FEW_CANDIDATES:
             return self._pick_chunks_few(candidates, now, device, budget)
         policy = self.policy
-        floor, below = policy.score_floor, policy.chunks_below
         trailing = self.trailing
+        conversations = iter(candidates)
         convs: list[Conversation] = []
-        orders: list[int] = []
-        firsts: list[int] = []
-        counts: list[int] = []
-        sizes: list[int] = []
-        idles: list[float] = []
+        kept_orders, kept_firsts, kept_counts, kept_sizes, kept_idles = [], [], [], [], []
         held = 0
         bound = float("inf")
-        rebound_at = budget  # recompute the bound each time another batch's worth is collected
-        for order, conv in enumerate(candidates):
-            k, end = (conv.b, len(conv.dev)) if device else (conv.d, conv.h)
-            if k >= end:
-                continue
-            idle_s = now - conv.last_active
-            n = len(conv.dev)
-            if held >= budget:
-                if floor(idle_s) >= bound:
-                    break
-                # only the chunks that score under the bound can enter
-                count = below(n, k, min(end, k + budget), idle_s, bound, trailing)
-                if not count:
-                    continue
+        seen = 0
+        while True:
+            block = list(itertools.islice(conversations, PICK_BLOCK))
+            if not block:
+                break
+            idle = now - np.fromiter([c.last_active for c in block], float, len(block))
+            if held >= budget and policy.score_floor(float(idle[0])) >= bound:
+                break  # the longest idle of those left cannot beat the chunks in hand
+            sizes = np.fromiter([len(c.dev) for c in block], int, len(block))
+            if device:
+                firsts = np.fromiter([c.b for c in block], int, len(block))
+                span = np.minimum(sizes - firsts, budget)
             else:
-                count = min(end - k, budget)
-            convs.append(conv)
-            orders.append(order)
-            firsts.append(k)
-            counts.append(count)
-            sizes.append(n)
-            idles.append(idle_s)
-            held += count
-            if held >= rebound_at:
-                values = self._score_chunks(orders, firsts, counts, sizes, idles)[0]
-                bound = float(np.partition(values, budget - 1)[budget - 1])
-                rebound_at = held + budget
+                firsts = np.fromiter([c.d for c in block], int, len(block))
+                span = np.minimum(np.fromiter([c.h for c in block], int, len(block)) - firsts, budget)
+            if held >= budget:
+                counts = policy.chunks_below_array(sizes, firsts, firsts + np.maximum(span, 0), idle, bound, trailing)
+            else:
+                counts = np.maximum(span, 0)
+            kept = np.flatnonzero(counts)
+            if len(kept):
+                convs += [block[i] for i in kept.tolist()]
+                kept_orders.append(kept + seen)
+                kept_firsts.append(firsts[kept])
+                kept_counts.append(counts[kept])
+                kept_sizes.append(sizes[kept])
+                kept_idles.append(idle[kept])
+                held += int(counts[kept].sum())
+                if held >= budget:
+                    values = self._score_chunks(*map(np.concatenate, (kept_orders, kept_firsts, kept_counts,
+                                                                      kept_sizes, kept_idles)))[0]
+                    bound = float(np.partition(values, budget - 1)[budget - 1])
+            seen += len(block)
         if not convs:
             return []
+        orders, firsts, counts, sizes, idles = (np.concatenate(a).tolist() for a in (
+            kept_orders, kept_firsts, kept_counts, kept_sizes, kept_idles))
         # A conversation's picks are a prefix of its collected chunks (its scores rise along eviction
         # order), so the batch is one run per conversation, queued by its lowest score. Chunk by chunk
         # the runs would interleave; a batch used up before anything changes evicts the same set

@@ -74,6 +74,12 @@ class EvictionPolicy:
             count += 1
         return count
 
+    def chunks_below_array(self, n: np.ndarray, first: np.ndarray, end: np.ndarray, idle_s: np.ndarray,
+                           bound: float, trailing: bool) -> np.ndarray:
+        """`chunks_below` over arrays of conversations; override with a vectorised form (same results)."""
+        return np.fromiter((self.chunks_below(int(a), int(b), int(c), float(t), bound, trailing)
+                            for a, b, c, t in zip(n, first, end, idle_s)), dtype=int, count=len(n))
+
     def score_floor(self, idle_s: float) -> float:
         """A lower bound on `score(i, t)` for every chunk i and every t <= idle_s.
 
@@ -107,6 +113,20 @@ class PensievePolicy(EvictionPolicy):
             cut += 1
         return cut - first
 
+    def chunks_below_array(self, n: np.ndarray, first: np.ndarray, end: np.ndarray, idle_s: np.ndarray,
+                           bound: float, trailing: bool) -> np.ndarray:
+        if trailing:
+            return super().chunks_below_array(n, first, end, idle_s, bound, trailing)
+        # chunks_below's bisect and boundary settling, element by element in numpy
+        cost, top = self._cost_array, len(self._cost_array) - 1
+        t = np.maximum(idle_s, MIN_IDLE_S)
+        cut = np.clip(np.searchsorted(cost, bound * t, side="left"), first, end)
+        while (down := (cut > first) & (cost[np.maximum(cut - 1, 0)] / t >= bound)).any():
+            cut -= down
+        while (up := (cut < end) & (cost[np.minimum(cut, top)] / t < bound)).any():
+            cut += up
+        return cut - first
+
     def score_floor(self, idle_s: float) -> float:
         return self._min_cost / max(idle_s, MIN_IDLE_S)
 
@@ -132,6 +152,11 @@ class LruPolicy(EvictionPolicy):
 
     def score_array(self, chunk_index: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
         return -idle_s
+
+    def chunks_below_array(self, n: np.ndarray, first: np.ndarray, end: np.ndarray, idle_s: np.ndarray,
+                           bound: float, trailing: bool) -> np.ndarray:
+        # every chunk of a conversation scores -idle: all of them are under the bound, or none
+        return np.where(-idle_s < bound, end - first, 0)
 
     def score_floor(self, idle_s: float) -> float:
         return -idle_s
