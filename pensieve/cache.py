@@ -567,6 +567,7 @@ class KVCacheManager:
         conversations = iter(candidates)
         convs: list[Conversation] = []
         kept_orders, kept_firsts, kept_counts, kept_sizes, kept_idles = [], [], [], [], []
+        scored = []  # per block: (values, owner, j) of its collected chunks
         held = 0
         bound = float("inf")
         seen = 0
@@ -590,17 +591,16 @@ class KVCacheManager:
                 counts = np.maximum(span, 0)
             kept = np.flatnonzero(counts)
             if len(kept):
+                block_args = (kept + seen, firsts[kept], counts[kept], sizes[kept], idle[kept])
+                for collected, part in zip((kept_orders, kept_firsts, kept_counts, kept_sizes, kept_idles), block_args):
+                    collected.append(part)
+                values, owner, j = self._score_chunks(*block_args)
+                scored.append((values, owner + len(convs), j))
                 convs += [block[i] for i in kept.tolist()]
-                kept_orders.append(kept + seen)
-                kept_firsts.append(firsts[kept])
-                kept_counts.append(counts[kept])
-                kept_sizes.append(sizes[kept])
-                kept_idles.append(idle[kept])
-                held += int(counts[kept].sum())
+                held += len(values)
                 if held >= budget:
-                    values = self._score_chunks(*map(np.concatenate, (kept_orders, kept_firsts, kept_counts,
-                                                                      kept_sizes, kept_idles)))[0]
-                    bound = float(np.partition(values, budget - 1)[budget - 1])
+                    everything = np.concatenate([v for v, _, _ in scored]) if len(scored) > 1 else values
+                    bound = float(np.partition(everything, budget - 1)[budget - 1])
             seen += len(block)
         if not convs:
             return []
@@ -618,7 +618,10 @@ class KVCacheManager:
             runs = sorted((score(n - 1 - first if trailing else first, t), order, first, count, conv)
                           for conv, order, first, count, n, t in zip(convs, orders, firsts, counts, sizes, idles))
             return [(conv, first, count) for _, _, first, count, conv in runs]
-        values, owner, j = self._score_chunks(orders, firsts, counts, sizes, idles)
+        values, owner, j = (np.concatenate(parts) for parts in zip(*scored))
+        # Only chunks scoring at most the budget-th smallest score can be picked; sort just those.
+        near = np.flatnonzero(values <= bound)
+        values, owner, j = values[near], owner[near], j[near]
         order_of = np.asarray(orders)[owner]
         chosen_owner = owner[np.lexsort((j, order_of, values))[:budget]]
         owners, first_pick, picked = np.unique(chosen_owner, return_index=True, return_counts=True)
