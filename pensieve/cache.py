@@ -228,11 +228,9 @@ class KVCacheManager:
 
         Free here counts slots whose chunk already has a host copy: reclaiming them costs nothing.
         """
-        if not self.host.capacity:
+        if self.swap_out_idle(threshold):
             return
         short = threshold * self.device.capacity - (len(self.device.free) + self.clean_count)
-        if short <= 0 or not (self.idle_device or self._device_victims):
-            return  # enough room, or nothing idle to copy out (every device chunk is pinned)
         want = int(short) + self._device_batch  # overshoot by a batch so this runs every few steps
         queue = self._device_victims
         if self.whole_conversation:
@@ -267,6 +265,14 @@ class KVCacheManager:
         self.stats.swap_out_chunks += moved_total
         self.stats.evictions_by_tier["device"] += moved_total
         self._compact_clean()
+
+    def swap_out_idle(self, threshold: float) -> bool:
+        """Whether `swap_out_ahead` would do nothing now: no host tier, enough room, or nothing idle to
+        copy out (every device chunk is pinned)."""
+        if not self.host.capacity:
+            return True
+        short = threshold * self.device.capacity - (len(self.device.free) + self.clean_count)
+        return short <= 0 or not (self.idle_device or self._device_victims)
 
     # ------------------------------------------------------------------ slot acquisition
     def _obtain_device_slot(self, now: float) -> int:

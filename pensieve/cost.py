@@ -19,6 +19,13 @@ class CostModel(ABC):
         """Seconds one StepPlan takes on the device (the simulator's clock); profiles provide it."""
         raise NotImplementedError(f"{type(self).__name__} cannot time steps; give the scenario a profile")
 
+    def decode_step_s(self, decodes: int, context_tokens: int, chunk_tokens: int) -> float:
+        """Seconds of a step of `decodes` decodes alone (no prefill, no copies) with that summed
+        context: exactly what `step_time_s` gives such a plan. Override with a direct form."""
+        from .plan import StepPlan
+
+        return self.step_time_s(StepPlan(0, [0] * decodes, context_tokens, [], [], []), chunk_tokens)
+
 
 class LinearCostModel(CostModel):
     """Cost(l) = a * l + c per chunk.
@@ -59,3 +66,6 @@ class ScaledCostModel(CostModel):
 
     def step_time_s(self, plan, chunk_tokens: int) -> float:
         return self.factor * self.base.step_time_s(plan, chunk_tokens)
+
+    def decode_step_s(self, decodes: int, context_tokens: int, chunk_tokens: int) -> float:
+        return self.factor * self.base.decode_step_s(decodes, context_tokens, chunk_tokens)

@@ -391,11 +391,7 @@ class ProfileCostModel(CostModel):
         only when both together outlast the step. Without one (CPU: a copy is a memcpy), everything adds up.
         """
         if not plan.prefills and not plan.swap_in and not plan.swap_out and plan.decodes:
-            # Decodes alone, most of a simulation's steps: compute_s's sum with its zero terms left
-            # out (adding 0.0 changes no float, so the result is the same to the last bit).
-            n = len(plan.decodes)
-            return (self.overhead_s + self._non_attention_of(n) + self.per_sequence_s * (n - 1)
-                    + (self.decode_call_s + self.decode_context_s * plan.decode_context_tokens + self.decode_token_s * n))
+            return self.decode_step_s(len(plan.decodes), plan.decode_context_tokens, chunk_tokens)
         compute = self.compute_s(plan)
         swap_in = self.copy_s(len(plan.swap_in), "host_to_device", chunk_tokens)
         swap_out = self.copy_s(len(plan.swap_out), "device_to_host", chunk_tokens)
@@ -404,6 +400,12 @@ class ProfileCostModel(CostModel):
         layers = self.profile.model.layers
         step = max(compute + swap_in / layers, swap_in + compute / layers) if swap_in else compute
         return max(step, swap_in + swap_out)
+
+    def decode_step_s(self, decodes: int, context_tokens: int, chunk_tokens: int) -> float:
+        """Decodes alone, most of a simulation's steps: compute_s's sum with its zero terms left out
+        (adding 0.0 changes no float, so the result is the same to the last bit)."""
+        return (self.overhead_s + self._non_attention_of(decodes) + self.per_sequence_s * (decodes - 1)
+                + (self.decode_call_s + self.decode_context_s * context_tokens + self.decode_token_s * decodes))
 
     def _non_attention_of(self, tokens: int) -> float:
         """non_attention(tokens), remembered per token count (a step's count repeats step after step)."""

@@ -9,6 +9,7 @@ chunks are swapped out ahead of time when the device tier runs low.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import deque
 
 from .cache import KVCacheManager
@@ -18,6 +19,13 @@ from .request import STILL, Request, StepClock
 
 def _arrival_key(request: Request) -> tuple[float, int]:
     return (request.arrival, request.id)
+
+
+def _next_key(keys: list[int], lowest: int) -> float:
+    """The smallest key >= `lowest` of a heap whose smaller keys are no longer needed (dropped here)."""
+    while keys and keys[0] < lowest:
+        heapq.heappop(keys)
+    return keys[0] if keys else float("inf")
 
 
 class Scheduler:
@@ -49,6 +57,10 @@ class Scheduler:
         self.clock = StepClock()
         self._grow_due: dict[int, list[Request]] = {}
         self._finish_due: dict[int, list[Request]] = {}
+        # The keys of each, as heaps (keys already handled are dropped lazily): the next clock
+        # reading at which something is due, for `quiet_steps`.
+        self._grow_keys: list[int] = []
+        self._finish_keys: list[int] = []
         self._kv_base = 0  # sum over decoding requests of (kv_tokens - clock.ticks): moves with no tick
         self._planned: int | None = None  # the step planned and not yet completed
         self.steps = 0
@@ -240,6 +252,34 @@ class Scheduler:
                     return True
         return False
 
+    def quiet_steps(self) -> int:
+        """How many of the next steps (from the one `schedule` would plan now) are plain decodes that
+        change nothing but the token counters: no decode needs a new chunk, no turn ends, nothing
+        waits to be admitted, and the cache has nothing to swap out ahead of time. A driver may
+        account them with `skip_quiet_steps` instead of planning each (the simulator does, timing
+        each with `decode_batch`); their effect is the same. 0 while a plan awaits completion.
+        """
+        if self._planned is not None or self.waiting or not self.running \
+                or not self.cache.swap_out_idle(self.swap_out_threshold):
+            return 0
+        ticks = self.clock.ticks
+        grow = _next_key(self._grow_keys, ticks)
+        finish = _next_key(self._finish_keys, ticks + 1)
+        return max(0, min(grow - ticks, finish - ticks - 1))
+
+    def decode_batch(self) -> tuple[int, int]:
+        """The next step's decodes if it is quiet: (how many, their summed context as a plan gives it)."""
+        n = len(self.running)
+        return n, self._kv_base + n * (self.clock.ticks + 1)
+
+    def skip_quiet_steps(self, count: int) -> None:
+        """Account `count` quiet steps (at most `quiet_steps()`) as planned and completed: the running
+        decodes each gain `count` tokens. Each step's context grows by the number of decodes."""
+        if count > self.quiet_steps():
+            raise ValueError(f"only {self.quiet_steps()} quiet steps are ahead, not {count}")
+        self.clock.ticks += count
+        self.steps += count
+
     # ------------------------------------------------------------------ helpers
     def _start_decoding(self, r: Request, conv) -> None:
         """`r` decodes from the next step on: its counters follow the clock, its due steps are set."""
@@ -249,7 +289,11 @@ class Scheduler:
         r.follow(clock)
         self._kv_base += conv.kv_tokens - ticks
         r.finish_at = ticks + r.output_tokens - r.generated
-        self._finish_due.setdefault(r.finish_at, []).append(r)
+        due = self._finish_due.get(r.finish_at)
+        if due is None:
+            due = self._finish_due[r.finish_at] = []
+            heapq.heappush(self._finish_keys, r.finish_at)
+        due.append(r)
         self._plan_grow(r, conv, ticks)
 
     def _plan_grow(self, r: Request, conv, ticks: int) -> None:
@@ -257,7 +301,11 @@ class Scheduler:
         at = ticks + max(0, len(conv.dev) * self.cache.chunk_tokens - conv.kv_tokens)
         if at < r.finish_at:
             r.grow_at = at
-            self._grow_due.setdefault(at, []).append(r)
+            due = self._grow_due.get(at)
+            if due is None:
+                due = self._grow_due[at] = []
+                heapq.heappush(self._grow_keys, at)
+            due.append(r)
         else:
             r.grow_at = -1
 

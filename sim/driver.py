@@ -78,6 +78,21 @@ class _Server:
             while end < horizon and start + (end - start) == end and not sched.completion_finishes(plan):
                 sched.complete(plan, None, end)
                 self.steps += 1
+                quiet = sched.quiet_steps()
+                if quiet:
+                    # Plain decode steps ahead: time them from their counts and let the core
+                    # account them in one go (they change nothing but token counters).
+                    decodes, context = sched.decode_batch()
+                    done = 0
+                    while done < quiet:
+                        after = end + cost.decode_step_s(decodes, context, chunk_tokens)
+                        if not (after < horizon and start + (after - start) == after):
+                            break
+                        end = after
+                        context += decodes
+                        done += 1
+                    sched.skip_quiet_steps(done)
+                    self.steps += done
                 plan = sched.schedule(end)
                 end += cost.step_time_s(plan, chunk_tokens)
             yield env.timeout(end - start)
