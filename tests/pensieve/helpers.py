@@ -34,8 +34,12 @@ class Driver:
         return r
 
     def step(self, now: float):
+        quiet, added = getattr(self, "_quiet", (0, -1))
         plan = self.sched.schedule(now)
         self.plans.append(plan)
+        if quiet and added == self.next_id:  # promised a plain decode step, and no turn arrived since
+            assert plan.decodes and not plan.prefills and not plan.swap_in and not plan.swap_out \
+                and not plan.suspended and not plan.dropped_chunks, plan
         ct = self.sched.cache.chunk_tokens
         for rid in plan.decodes:  # every query token has a device slot for its KV before the step runs
             conv = self.sched.requests[rid].conversation
@@ -48,6 +52,9 @@ class Driver:
         finished = self.sched.complete(plan, result, now)
         assert will_finish == bool(finished) or result.stopped, (will_finish, finished)
         self.sched.check_invariants()
+        if quiet and added == self.next_id:
+            assert not finished and self.sched.quiet_steps() == quiet - 1
+        self._quiet = (self.sched.quiet_steps(), self.next_id)
         return plan, finished
 
     def run(self, now: float, dt: float = 0.001, limit: int = 10_000) -> float:

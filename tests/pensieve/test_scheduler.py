@@ -148,3 +148,38 @@ def test_complete_takes_only_the_plan_awaiting_completion():
     sched.complete(plan, None, 0.2)
     with pytest.raises(RuntimeError, match="awaiting completion"):
         sched.complete(plan, None, 0.3)  # twice
+
+
+def test_quiet_steps_are_plain_decodes_and_skipping_them_equals_running_them():
+    def core():
+        sched = make_core("pensieve", 100, 0, chunk_tokens=4)
+        d = Driver(sched)
+        d.add("A", 0, 0.0, 5, 20)  # 6 tokens after its prefill: a new chunk at 8, 12, ...
+        d.add("B", 0, 0.0, 9, 9)
+        d.step(0.1)
+        return sched, d
+
+    stepped, d = core()
+    # A holds 5 tokens' KV in 2 chunks of 4, B 9 in 3: both fill their last chunk in 3 decodes,
+    # and the 4th needs a new one; B's turn ends after 8.
+    quiet = stepped.quiet_steps()
+    assert quiet == 3
+    skipped, _ = core()
+    with pytest.raises(ValueError, match="quiet steps"):
+        skipped.skip_quiet_steps(quiet + 1)
+    n, context = skipped.decode_batch()
+    for k in range(quiet):  # the Driver asserts each is a plain decode step
+        plan = d.step(0.2 + k)[0]
+        assert (len(plan.decodes), plan.decode_context_tokens) == (n, context + k * n)
+    skipped.skip_quiet_steps(quiet)
+    assert stepped.quiet_steps() == skipped.quiet_steps() == 0
+    for sched in (stepped, skipped):
+        sched.check_invariants()
+    assert [(r.id, r.generated, r.conversation.tokens, r.conversation.kv_tokens, list(r.conversation.dev))
+            for r in stepped.running] == \
+        [(r.id, r.generated, r.conversation.tokens, r.conversation.kv_tokens, list(r.conversation.dev))
+         for r in skipped.running]
+    assert stepped.steps == skipped.steps and stepped.clock.ticks == skipped.clock.ticks
+    plans = [stepped.schedule(9.0), skipped.schedule(9.0)]  # both now grow A and B
+    assert plans[0].decodes == plans[1].decodes and plans[0].decode_context_tokens == plans[1].decode_context_tokens
+    assert [r.conversation.chunks for r in stepped.running] == [r.conversation.chunks for r in skipped.running] == [3, 4]
