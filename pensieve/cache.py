@@ -266,12 +266,13 @@ class KVCacheManager:
         self.stats.evictions_by_tier["device"] += moved_total
         self._compact_clean()
 
-    def swap_out_idle(self, threshold: float) -> bool:
-        """Whether `swap_out_ahead` would do nothing now: no host tier, enough room, or nothing idle to
-        copy out (every device chunk is pinned)."""
+    def swap_out_idle(self, threshold: float, after_taking: int = 0) -> bool:
+        """Whether `swap_out_ahead` would do nothing now (or once `after_taking` free or clean slots
+        are taken): no host tier, enough room, or nothing idle to copy out (every device chunk is
+        pinned). Taking a clean slot leaves its chunk's conversation idle, so only room changes."""
         if not self.host.capacity:
             return True
-        short = threshold * self.device.capacity - (len(self.device.free) + self.clean_count)
+        short = threshold * self.device.capacity - (len(self.device.free) + self.clean_count - after_taking)
         return short <= 0 or not (self.idle_device or self._device_victims)
 
     # ------------------------------------------------------------------ slot acquisition

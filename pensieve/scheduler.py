@@ -267,6 +267,44 @@ class Scheduler:
         finish = _next_key(self._finish_keys, ticks + 1)
         return max(0, min(grow - ticks, finish - ticks - 1))
 
+    def plain_step(self) -> tuple[int, int] | None:
+        """The next step, if it is a plain decode step with at most new chunks: only decodes, none
+        ending its turn, nothing waiting to be admitted; the decodes that need a new chunk get a
+        free slot or a clean one (already copied to the host), and after that the cache has
+        nothing to swap out ahead of time. Then (decodes, their summed context) to time it, and
+        `take_plain_step` carries it out exactly as schedule + complete would; else None.
+        """
+        if self._planned is not None or self.waiting or not self.running:
+            return None
+        ticks = self.clock.ticks
+        if ticks + 1 in self._finish_due:
+            return None  # a turn may end (or the entry is stale: the general path sorts it out)
+        due = self._grow_due.get(ticks)
+        grows = len(due) if due else 0  # stale entries count too: this only errs towards None
+        cache = self.cache
+        if grows > len(cache.device.free) + cache.clean_count \
+                or not cache.swap_out_idle(self.swap_out_threshold, after_taking=grows):
+            return None
+        n = len(self.running)
+        return n, self._kv_base + n * (ticks + 1)
+
+    def take_plain_step(self, now: float) -> None:
+        """Carry out the step `plain_step` described, starting at `now`: its new chunks, its tokens."""
+        cache = self.cache
+        ticks = self.clock.ticks
+        due = self._grow_due.pop(ticks, None)
+        if due:
+            if len(due) > 1:
+                due.sort(key=_arrival_key)  # slots are taken in running order, as schedule takes them
+            for r in due:
+                if r.grow_at == ticks:
+                    grown = cache.grow(r.conversation, now)
+                    assert grown, "plain_step checked the room"
+                    self._plan_grow(r, r.conversation, ticks)
+        self.steps += 1
+        self.clock.ticks = ticks + 1
+        self._finish_due.pop(ticks + 1, None)
+
     def decode_batch(self) -> tuple[int, int]:
         """The next step's decodes if it is quiet: (how many, their summed context as a plan gives it)."""
         n = len(self.running)

@@ -61,38 +61,27 @@ class _Server:
         env, sched, cost = self.env, self.sched, self.cost
         chunk_tokens = sched.cache.chunk_tokens
         while True:
+            # A step that finishes no request and ends before any other process's next event (and
+            # before the next occupancy sample) is followed at once by the next, without a SimPy
+            # event of its own: nothing else can see or change anything in between. The times are
+            # the same sums one timeout per step would make (the checks on `start + (t - start)`
+            # keep the final timeout's sum exact), so the results are identical; only the event
+            # loop's per-step overhead goes, and most steps of a long run are such steps.
             start = env.now
-            plan = sched.schedule(start)
+            horizon = min(env.peek(), self._next_sample) if self.chain_steps else start
+            end = self._plain_steps(start, start, horizon)
+            plan = sched.schedule(end)
             if plan.empty:
                 self.wake = env.event()
                 yield self.wake
                 continue
-            end = start + cost.step_time_s(plan, chunk_tokens)
-            # A step that finishes no request and ends before any other process's next event (and
-            # before the next occupancy sample) is followed at once by the next, without a SimPy
-            # event of its own: nothing else can see or change anything in between. The times are
-            # the same sums one timeout per step would make (the last check keeps the final
-            # timeout's `start + delay` exact), so the results are identical; only the event
-            # loop's per-step overhead goes, and most steps of a long run are such steps.
-            horizon = min(env.peek(), self._next_sample) if self.chain_steps else end
+            end += cost.step_time_s(plan, chunk_tokens)
+            if not self.chain_steps:
+                horizon = end
             while end < horizon and start + (end - start) == end and not sched.completion_finishes(plan):
                 sched.complete(plan, None, end)
                 self.steps += 1
-                quiet = sched.quiet_steps()
-                if quiet:
-                    # Plain decode steps ahead: time them from their counts and let the core
-                    # account them in one go (they change nothing but token counters).
-                    decodes, context = sched.decode_batch()
-                    done = 0
-                    while done < quiet:
-                        after = end + cost.decode_step_s(decodes, context, chunk_tokens)
-                        if not (after < horizon and start + (after - start) == after):
-                            break
-                        end = after
-                        context += decodes
-                        done += 1
-                    sched.skip_quiet_steps(done)
-                    self.steps += done
+                end = self._plain_steps(start, end, horizon)
                 plan = sched.schedule(end)
                 end += cost.step_time_s(plan, chunk_tokens)
             yield env.timeout(end - start)
@@ -104,6 +93,38 @@ class _Server:
                 self.progress.update(len(finished))
             if env.now >= self._next_sample:
                 self._sample()
+
+    def _plain_steps(self, start: float, end: float, horizon: float) -> float:
+        """Carry out the plain decode steps ahead that end before `horizon`, timed from their counts
+        alone (the core skips planning them); the time the last one ends. Runs with nothing due are
+        accounted in one go; a step that only takes free or clean slots for new chunks, one by one."""
+        sched, cost = self.sched, self.cost
+        chunk_tokens = sched.cache.chunk_tokens
+        while True:
+            quiet = sched.quiet_steps()
+            if quiet:
+                decodes, context = sched.decode_batch()
+                done = 0
+                while done < quiet:
+                    after = end + cost.decode_step_s(decodes, context, chunk_tokens)
+                    if not (after < horizon and start + (after - start) == after):
+                        break
+                    end = after
+                    context += decodes
+                    done += 1
+                sched.skip_quiet_steps(done)
+                self.steps += done
+                if done < quiet:
+                    return end
+            batch = sched.plain_step()
+            if batch is None:
+                return end
+            after = end + cost.decode_step_s(batch[0], batch[1], chunk_tokens)
+            if not (after < horizon and start + (after - start) == after):
+                return end
+            sched.take_plain_step(end)
+            self.steps += 1
+            end = after
 
     def _sample(self) -> None:
         cache = self.sched.cache
