@@ -1,6 +1,9 @@
 """Plots of a results folder and of sweeps, as PNG files (matplotlib, headless)."""
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from collections import defaultdict
 from pathlib import Path
 
@@ -101,3 +104,71 @@ def _save(fig, path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+class PlotWorker:
+    """Draws plots in a forked process, so that importing matplotlib (a good part of a short
+    simulation's wall time) overlaps the simulation on another core. Start it before the work,
+    `submit` a plot once its data exist, and `wait` for the files. Where fork is unavailable, or
+    there is one core, the plots are drawn here, at `submit`.
+    """
+
+    def __init__(self) -> None:
+        self._process = self._conn = None
+        self._pending = 0
+        if hasattr(os, "fork") and (os.cpu_count() or 1) > 1:
+            context = multiprocessing.get_context("fork")
+            self._conn, child = context.Pipe()
+            self._process = context.Process(target=_plot_jobs, args=(child,), daemon=True)
+            self._process.start()
+            child.close()
+        self._written: list[Path] = []
+
+    def submit(self, name: str, *args) -> None:
+        """Draw `name` (plot_run or plot_sweep) with `args`."""
+        if self._process is None:
+            self._written += PLOTTERS[name](*args)
+            return
+        self._conn.send((name, args))
+        self._pending += 1
+
+    def wait(self) -> list[Path]:
+        """The files written; raises what a plot raised. Ends the worker."""
+        try:
+            while self._pending:
+                ok, value = self._conn.recv()
+                self._pending -= 1
+                if not ok:
+                    raise RuntimeError(f"plotting failed: {value}")
+                self._written += value
+        finally:
+            self.close()
+        return self._written
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._conn.send(None)
+            self._conn.close()
+            self._process.join(timeout=10)
+            self._process = None
+
+
+def _plot_jobs(conn) -> None:
+    """The worker: import matplotlib at once, then draw what arrives until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it still plots what finished
+    _pyplot()
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        name, args = job
+        try:
+            conn.send((True, PLOTTERS[name](*args)))
+        except Exception as exc:  # reported to, and raised in, the parent
+            conn.send((False, f"{type(exc).__name__}: {exc}"))
+
+
+PLOTTERS = {"plot_run": plot_run, "plot_sweep": plot_sweep}

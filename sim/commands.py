@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from pensieve.config import expand_sweep, load_scenario
 from pensieve.core import build_cost_model, build_scheduler
-from pensieve.plots import plot_run, plot_sweep
+from pensieve.plots import PlotWorker, plot_sweep
 from pensieve.results import SUMMARY_COLUMNS, format_table, request_rows, summary_row, write_results
 from pensieve.workload import WorkloadError, build_workload
 
@@ -41,10 +41,16 @@ def simulate_command(args) -> int:
         print(f"skipped: {problem}")
     cost = build_cost_model(scenario, args.scenario)
     _check_feasible(scenario, workload, args.scenario, cost)
-    run = simulate(scenario, workload, cost, progress=not args.quiet)
-    out = Path(args.out or Path("results") / scenario.name)
-    write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline)
-    plot_run(out, run.summary, request_rows(run.finished), run.timeline)
+    plots = PlotWorker()
+    try:
+        run = simulate(scenario, workload, cost, progress=not args.quiet)
+        out = Path(args.out or Path("results") / scenario.name)
+        out.mkdir(parents=True, exist_ok=True)
+        plots.submit("plot_run", out, run.summary, request_rows(run.finished), run.timeline)
+        write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline)
+        plots.wait()
+    finally:
+        plots.close()
     print(format_table([summary_row(run.summary)], SUMMARY_COLUMNS))
     if run.interrupted:
         print(f"interrupted: wrote the {run.summary['requests']} finished requests")
