@@ -147,12 +147,14 @@ class KVCacheManager:
         self.idle.pop(conv.id, None)
         self.idle_device.pop(conv.id, None)
         self.active_slots += n - conv.h
+        if not self.trailing:
+            return self._acquire_leading(conv, now, n, kv)
         gpu = cpu = recomputed = swapped_in = 0
         dropped: list[int] = []
         # Chunks on both tiers first: their device copy is used and the host copy freed, so no
         # reclaim below can count them as clean while they are pinned.
         for k in range(conv.h, n):
-            i = n - 1 - k if self.trailing else k
+            i = n - 1 - k
             gpu += min(ct, kv - i * ct)
             if k < conv.b:
                 self.host.release(conv.host[i])
@@ -163,7 +165,7 @@ class KVCacheManager:
         slots = self._obtain_device_slots(conv.h + -(-conv.tokens // ct) - n, now)
         assert len(slots) == conv.h + -(-conv.tokens // ct) - n, "feasibility was checked"
         for k in range(conv.h):
-            i = n - 1 - k if self.trailing else k
+            i = n - 1 - k
             slot = slots[k]
             tokens = min(ct, kv - i * ct)
             if k < conv.d:
@@ -185,6 +187,42 @@ class KVCacheManager:
         self.stats.swap_in_chunks += swapped_in
         spans = _merge_spans([(i * ct, min(ct, kv - i * ct)) for i in sorted(dropped)] + [(kv, conv.tokens - kv)])
         return Restore(spans, gpu, cpu, recomputed, conv.tokens - kv, swapped_in)
+
+    def _acquire_leading(self, conv: Conversation, now: float, n: int, kv: int) -> Restore:
+        """`acquire` for leading-first policies, where eviction order is position order: each of the
+        layout's four runs is a slice ([0, d) dropped, [d, h) host, [h, b) both, [b, n) device)."""
+        ct = self.chunk_tokens
+        d, h, b = conv.d, conv.h, conv.b
+        dev, host = conv.dev, conv.host
+        # Chunks on both tiers first: their device copy is used and the host copy freed, so no
+        # reclaim below can count them as clean while they are pinned.
+        if b > h:
+            self.host.free.extend(host[h:b])
+            host[h:b] = [-1] * (b - h)
+            self.clean_count -= b - h
+        # Every slot at once, in the order one-by-one requests would get them: taking them changes
+        # nothing that this conversation's own moves below depend on.
+        needed = h + -(-conv.tokens // ct) - n
+        slots = self._obtain_device_slots(needed, now)
+        assert len(slots) == needed, "feasibility was checked"
+        if h > d:
+            from_host = host[d:h]
+            self.swap_in_ops.extend(zip(from_host, slots[d:h]))
+            self._host_limbo.extend(from_host)
+            host[d:h] = [-1] * (h - d)
+        dev[0:h] = slots[:h]
+        new = slots[h:]
+        dev.extend(new)
+        host.extend([-1] * len(new))
+        self.active_slots += needed
+        conv.d = conv.h = conv.b = 0
+        # tokens in chunks [0, m) are min(m * ct, kv): only the last chunk may be partial
+        recomputed = min(d * ct, kv)
+        cpu = min(h * ct, kv) - recomputed
+        gpu = kv - recomputed - cpu
+        self.stats.swap_in_chunks += h - d
+        spans = _merge_spans([(0, recomputed), (kv, conv.tokens - kv)])
+        return Restore(spans, gpu, cpu, recomputed, conv.tokens - kv, h - d)
 
     def grow(self, conv: Conversation, now: float) -> bool:
         """Make room for the KV of position `kv_tokens` (a decode); False when nothing can be evicted."""
