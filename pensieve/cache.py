@@ -584,12 +584,14 @@ class KVCacheManager:
             picked = self._pick_chunks(candidates, now, device, budget)
         if not picked:
             return False
-        for conv, k, count in picked:
-            last = queue[-1] if queue else None
-            if last is not None and last[0] is conv and last[1] + last[2] == k:
-                queue[-1] = (conv, last[1], last[2] + count)  # extend the run
-            else:
-                queue.append((conv, k, count))
+        # One run per conversation: only the first can continue the run at the queue's end.
+        conv, k, count = picked[0]
+        last = queue[-1] if queue else None
+        if last is not None and last[0] is conv and last[1] + last[2] == k:
+            queue[-1] = (conv, last[1], last[2] + count)  # extend the run
+            queue.extend(itertools.islice(picked, 1, None))
+        else:
+            queue.extend(picked)
         return True
 
     def _pick_chunks(self, candidates, now: float, device: bool, budget: int) -> list:
@@ -672,7 +674,7 @@ class KVCacheManager:
         owners, first_pick, picked = np.unique(chosen_owner, return_index=True, return_counts=True)
         owners, picked = owners[np.argsort(first_pick)], picked[np.argsort(first_pick)]
         starts = np.asarray(firsts)[owners]
-        return [(convs[o], k, c) for o, k, c in zip(owners.tolist(), starts.tolist(), picked.tolist())]
+        return list(zip([convs[o] for o in owners.tolist()], starts.tolist(), picked.tolist()))
 
     def _pick_chunks_few(self, candidates, now: float, device: bool, budget: int) -> list:
         """`_pick_chunks` for a handful of conversations (numpy's fixed costs would dominate): a k-way
