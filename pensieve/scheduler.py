@@ -58,11 +58,12 @@ class Scheduler:
         self._grow_due: dict[int, list[Request]] = {}
         self._finish_due: dict[int, list[Request]] = {}
         # The keys of each, as heaps (keys already handled are dropped lazily): the next clock
-        # reading at which something is due, for `quiet_steps`.
+        # reading at which something is due, for `plain_steps`.
         self._grow_keys: list[int] = []
         self._finish_keys: list[int] = []
         self._kv_base = 0  # sum over decoding requests of (kv_tokens - clock.ticks): moves with no tick
         self._planned: int | None = None  # the step planned and not yet completed
+        self._plain_ahead: tuple[int, int] | None = None  # (clock reading, count) plain_steps offered
         self.steps = 0
         self.suspensions = 0
 
@@ -252,71 +253,60 @@ class Scheduler:
                     return True
         return False
 
-    def quiet_steps(self) -> int:
-        """How many of the next steps (from the one `schedule` would plan now) are plain decodes that
-        change nothing but the token counters: no decode needs a new chunk, no turn ends, nothing
-        waits to be admitted, and the cache has nothing to swap out ahead of time. A driver may
-        account them with `skip_quiet_steps` instead of planning each (the simulator does, timing
-        each with `decode_batch`); their effect is the same. 0 while a plan awaits completion.
-        """
-        if self._planned is not None or self.waiting or not self.running \
-                or not self.cache.swap_out_idle(self.swap_out_threshold):
-            return 0
-        ticks = self.clock.ticks
-        grow = _next_key(self._grow_keys, ticks)
-        finish = _next_key(self._finish_keys, ticks + 1)
-        return max(0, min(grow - ticks, finish - ticks - 1))
+    def plain_steps(self) -> tuple[int, int, int] | None:
+        """The plain decode steps just ahead, which a driver may carry out with `take_plain_steps`
+        instead of planning and completing each (the simulator does): (decodes per step, the first
+        step's summed decode context, how many steps), or None if the next step is not plain.
 
-    def plain_step(self) -> tuple[int, int] | None:
-        """The next step, if it is a plain decode step with at most new chunks: only decodes, none
-        ending its turn, nothing waiting to be admitted; the decodes that need a new chunk get a
-        free slot or a clean one (already copied to the host), and after that the cache has
-        nothing to swap out ahead of time. Then (decodes, their summed context) to time it, and
-        `take_plain_step` carries it out exactly as schedule + complete would; else None.
+        A plain step has only decodes, none of which ends its turn, and nothing waiting to be
+        admitted; the decodes that need a new chunk get a free slot or a clean one (its chunk is
+        already copied to the host), and after that the cache has nothing to swap out ahead of
+        time. Either the next step is such a step with new chunks (count 1), or a run of them
+        with nothing due at all. Each step's context is the previous one's plus the decodes.
         """
+        self._plain_ahead = None
         if self._planned is not None or self.waiting or not self.running:
             return None
         ticks = self.clock.ticks
-        if ticks + 1 in self._finish_due:
+        finish = _next_key(self._finish_keys, ticks + 1)
+        if finish == ticks + 1:
             return None  # a turn may end (or the entry is stale: the general path sorts it out)
+        cache = self.cache
         due = self._grow_due.get(ticks)
-        grows = len(due) if due else 0  # stale entries count too: this only errs towards None
-        cache = self.cache
-        if grows > len(cache.device.free) + cache.clean_count \
-                or not cache.swap_out_idle(self.swap_out_threshold, after_taking=grows):
-            return None
-        n = len(self.running)
-        return n, self._kv_base + n * (ticks + 1)
-
-    def take_plain_step(self, now: float) -> None:
-        """Carry out the step `plain_step` described, starting at `now`: its new chunks, its tokens."""
-        cache = self.cache
-        ticks = self.clock.ticks
-        due = self._grow_due.pop(ticks, None)
         if due:
+            grows = len(due)  # stale entries count too: this only errs towards None
+            if grows > len(cache.device.free) + cache.clean_count \
+                    or not cache.swap_out_idle(self.swap_out_threshold, after_taking=grows):
+                return None
+            count = 1
+        else:
+            if not cache.swap_out_idle(self.swap_out_threshold):
+                return None
+            count = min(_next_key(self._grow_keys, ticks + 1) - ticks, finish - ticks - 1)
+        self._plain_ahead = (ticks, count)
+        n = len(self.running)
+        return n, self._kv_base + n * (ticks + 1), count
+
+    def take_plain_steps(self, count: int, now: float) -> None:
+        """Carry out the first `count` of the steps `plain_steps` just described, the first starting
+        at `now`, exactly as schedule + complete would: their new chunks, their tokens."""
+        ticks = self.clock.ticks
+        if self._plain_ahead is None or self._plain_ahead[0] != ticks or not 0 <= count <= self._plain_ahead[1]:
+            raise ValueError(f"take_plain_steps({count}): not within what plain_steps() last offered "
+                             f"({self._plain_ahead})")
+        self._plain_ahead = None
+        due = self._grow_due.pop(ticks, None) if count else None
+        if due:
+            cache = self.cache
             if len(due) > 1:
                 due.sort(key=_arrival_key)  # slots are taken in running order, as schedule takes them
             for r in due:
                 if r.grow_at == ticks:
                     grown = cache.grow(r.conversation, now)
-                    assert grown, "plain_step checked the room"
+                    assert grown, "plain_steps checked the room"
                     self._plan_grow(r, r.conversation, ticks)
-        self.steps += 1
-        self.clock.ticks = ticks + 1
-        self._finish_due.pop(ticks + 1, None)
-
-    def decode_batch(self) -> tuple[int, int]:
-        """The next step's decodes if it is quiet: (how many, their summed context as a plan gives it)."""
-        n = len(self.running)
-        return n, self._kv_base + n * (self.clock.ticks + 1)
-
-    def skip_quiet_steps(self, count: int) -> None:
-        """Account `count` quiet steps (at most `quiet_steps()`) as planned and completed: the running
-        decodes each gain `count` tokens. Each step's context grows by the number of decodes."""
-        if count > self.quiet_steps():
-            raise ValueError(f"only {self.quiet_steps()} quiet steps are ahead, not {count}")
-        self.clock.ticks += count
         self.steps += count
+        self.clock.ticks = ticks + count
 
     # ------------------------------------------------------------------ helpers
     def _start_decoding(self, r: Request, conv) -> None:

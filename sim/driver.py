@@ -95,36 +95,28 @@ class _Server:
                 self._sample()
 
     def _plain_steps(self, start: float, end: float, horizon: float) -> float:
-        """Carry out the plain decode steps ahead that end before `horizon`, timed from their counts
-        alone (the core skips planning them); the time the last one ends. Runs with nothing due are
-        accounted in one go; a step that only takes free or clean slots for new chunks, one by one."""
+        """Carry out the plain decode steps ahead (see Scheduler.plain_steps) that end before
+        `horizon`, timed from their counts alone: the core skips planning them. Returns the time the
+        last one ends."""
         sched, cost = self.sched, self.cost
         chunk_tokens = sched.cache.chunk_tokens
         while True:
-            quiet = sched.quiet_steps()
-            if quiet:
-                decodes, context = sched.decode_batch()
-                done = 0
-                while done < quiet:
-                    after = end + cost.decode_step_s(decodes, context, chunk_tokens)
-                    if not (after < horizon and start + (after - start) == after):
-                        break
-                    end = after
-                    context += decodes
-                    done += 1
-                sched.skip_quiet_steps(done)
-                self.steps += done
-                if done < quiet:
-                    return end
-            batch = sched.plain_step()
-            if batch is None:
+            ahead = sched.plain_steps()
+            if ahead is None:
                 return end
-            after = end + cost.decode_step_s(batch[0], batch[1], chunk_tokens)
-            if not (after < horizon and start + (after - start) == after):
+            decodes, context, count = ahead
+            first, done = end, 0
+            while done < count:
+                after = end + cost.decode_step_s(decodes, context, chunk_tokens)
+                if not (after < horizon and start + (after - start) == after):
+                    break
+                end = after
+                context += decodes
+                done += 1
+            sched.take_plain_steps(done, first)
+            self.steps += done
+            if done < count:
                 return end
-            sched.take_plain_step(end)
-            self.steps += 1
-            end = after
 
     def _sample(self) -> None:
         cache = self.sched.cache

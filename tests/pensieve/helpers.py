@@ -34,12 +34,13 @@ class Driver:
         return r
 
     def step(self, now: float):
-        quiet, added = getattr(self, "_quiet", (0, -1))
+        offered, added = getattr(self, "_offered", (None, -1))
         plan = self.sched.schedule(now)
         self.plans.append(plan)
-        if quiet and added == self.next_id:  # promised a plain decode step, and no turn arrived since
+        if offered and added == self.next_id:  # promised a plain decode step, and no turn arrived since
             assert plan.decodes and not plan.prefills and not plan.swap_in and not plan.swap_out \
                 and not plan.suspended and not plan.dropped_chunks, plan
+            assert (len(plan.decodes), plan.decode_context_tokens) == offered[:2], (plan, offered)
         ct = self.sched.cache.chunk_tokens
         for rid in plan.decodes:  # every query token has a device slot for its KV before the step runs
             conv = self.sched.requests[rid].conversation
@@ -52,9 +53,14 @@ class Driver:
         finished = self.sched.complete(plan, result, now)
         assert will_finish == bool(finished) or result.stopped, (will_finish, finished)
         self.sched.check_invariants()
-        if quiet and added == self.next_id:
-            assert not finished and self.sched.quiet_steps() == quiet - 1
-        self._quiet = (self.sched.quiet_steps(), self.next_id)
+        ahead = self.sched.plain_steps()
+        if offered and added == self.next_id:
+            assert not finished
+            if offered[2] > 1:  # a run with nothing due: the rest of it is still on offer
+                assert ahead == (offered[0], offered[1] + offered[0], offered[2] - 1), (offered, ahead)
+        if ahead is not None:
+            assert ahead[2] >= 1 and ahead[0] == len(self.sched.running)
+        self._offered = (ahead, self.next_id)
         return plan, finished
 
     def run(self, now: float, dt: float = 0.001, limit: int = 10_000) -> float:

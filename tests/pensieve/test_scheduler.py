@@ -150,36 +150,41 @@ def test_complete_takes_only_the_plan_awaiting_completion():
         sched.complete(plan, None, 0.3)  # twice
 
 
-def test_quiet_steps_are_plain_decodes_and_skipping_them_equals_running_them():
+def test_plain_steps_taken_at_once_equal_steps_planned_one_by_one():
     def core():
         sched = make_core("pensieve", 100, 0, chunk_tokens=4)
         d = Driver(sched)
-        d.add("A", 0, 0.0, 5, 20)  # 6 tokens after its prefill: a new chunk at 8, 12, ...
+        d.add("A", 0, 0.0, 5, 20)
         d.add("B", 0, 0.0, 9, 9)
         d.step(0.1)
         return sched, d
 
+    def state(sched):
+        return ([(r.id, r.generated, r.conversation.tokens, r.conversation.kv_tokens, list(r.conversation.dev))
+                 for r in sched.running], sched.steps, sched.clock.ticks, list(sched.cache.device.free))
+
     stepped, d = core()
-    # A holds 5 tokens' KV in 2 chunks of 4, B 9 in 3: both fill their last chunk in 3 decodes,
-    # and the 4th needs a new one; B's turn ends after 8.
-    quiet = stepped.quiet_steps()
-    assert quiet == 3
-    skipped, _ = core()
-    with pytest.raises(ValueError, match="quiet steps"):
-        skipped.skip_quiet_steps(quiet + 1)
-    n, context = skipped.decode_batch()
-    for k in range(quiet):  # the Driver asserts each is a plain decode step
+    taken, _ = core()
+    # A holds 5 tokens' KV in 2 chunks of 4, B 9 in 3: both fill their last chunk in 3 decodes
+    # (nothing due), the 4th takes a new chunk each (a plain step of its own); B's turn ends after 8.
+    decodes, context, count = taken.plain_steps()
+    assert (decodes, count) == (2, 3)
+    with pytest.raises(ValueError, match="plain_steps"):
+        taken.take_plain_steps(count + 1, 0.2)
+    taken.plain_steps()
+    taken.take_plain_steps(count, 0.2)
+    for k in range(count):  # the Driver asserts each is the plain decode step on offer
         plan = d.step(0.2 + k)[0]
-        assert (len(plan.decodes), plan.decode_context_tokens) == (n, context + k * n)
-    skipped.skip_quiet_steps(quiet)
-    assert stepped.quiet_steps() == skipped.quiet_steps() == 0
-    for sched in (stepped, skipped):
-        sched.check_invariants()
-    assert [(r.id, r.generated, r.conversation.tokens, r.conversation.kv_tokens, list(r.conversation.dev))
-            for r in stepped.running] == \
-        [(r.id, r.generated, r.conversation.tokens, r.conversation.kv_tokens, list(r.conversation.dev))
-         for r in skipped.running]
-    assert stepped.steps == skipped.steps and stepped.clock.ticks == skipped.clock.ticks
-    plans = [stepped.schedule(9.0), skipped.schedule(9.0)]  # both now grow A and B
-    assert plans[0].decodes == plans[1].decodes and plans[0].decode_context_tokens == plans[1].decode_context_tokens
-    assert [r.conversation.chunks for r in stepped.running] == [r.conversation.chunks for r in skipped.running] == [3, 4]
+        assert (len(plan.decodes), plan.decode_context_tokens) == (decodes, context + k * decodes)
+    assert state(stepped) == state(taken)
+    assert taken.plain_steps() == (2, context + 3 * decodes, 1)  # the step with new chunks
+    taken.take_plain_steps(1, 3.0)
+    d.step(3.0)
+    assert state(stepped) == state(taken) and [r.conversation.chunks for r in taken.running] == [3, 4]
+    taken.check_invariants()
+    with pytest.raises(ValueError, match="plain_steps"):
+        taken.take_plain_steps(1, 3.1)  # nothing offered since
+    decodes, context, count = taken.plain_steps()
+    assert count == 3  # then A needs a 4th chunk in the step that ends B's turn: not plain
+    taken.take_plain_steps(count, 3.1)
+    assert taken.plain_steps() is None
