@@ -88,15 +88,16 @@ def request_rows(finished: list[Request]) -> list[dict]:
 
 
 def write_results(folder: str | Path, summary: dict, finished: list[Request], scenario: dict,
-                  timeline: list[dict] | None = None) -> Path:
-    """Write summary.json, requests.csv, scenario.yaml (resolved) and timeline.csv into `folder`."""
+                  timeline: list[dict] | None = None, rows: list[dict] | None = None) -> Path:
+    """Write summary.json, requests.csv, scenario.yaml (resolved) and timeline.csv into `folder`
+    (`rows`: `request_rows(finished)`, if the caller has them already)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(folder / "requests.csv", "w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=REQUEST_COLUMNS)
         writer.writeheader()
-        writer.writerows(request_rows(finished))
+        writer.writerows(rows if rows is not None else request_rows(finished))
     (folder / "scenario.yaml").write_text(yaml.safe_dump(scenario, sort_keys=False))
     if timeline:
         with open(folder / "timeline.csv", "w", newline="") as out:

@@ -36,18 +36,19 @@ def simulate_command(args) -> int:
     scenario = load_scenario(args.scenario)
     if args.seed is not None:
         scenario = scenario.model_copy(update={"seed": args.seed})
-    workload = build_workload(scenario.workload, rng_for(scenario))
-    for problem in workload.skipped:
-        print(f"skipped: {problem}")
-    cost = build_cost_model(scenario, args.scenario)
-    _check_feasible(scenario, workload, args.scenario, cost)
-    plots = PlotWorker()
+    plots = PlotWorker()  # started first: matplotlib loads there while the profile loads here
     try:
+        workload = build_workload(scenario.workload, rng_for(scenario))
+        for problem in workload.skipped:
+            print(f"skipped: {problem}")
+        cost = build_cost_model(scenario, args.scenario)
+        _check_feasible(scenario, workload, args.scenario, cost)
         run = simulate(scenario, workload, cost, progress=not args.quiet)
         out = Path(args.out or Path("results") / scenario.name)
         out.mkdir(parents=True, exist_ok=True)
-        plots.submit("plot_run", out, run.summary, request_rows(run.finished), run.timeline)
-        write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline)
+        rows = request_rows(run.finished)
+        plots.submit("plot_run", out, run.summary, rows, run.timeline)
+        write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline, rows=rows)
         plots.wait()
     finally:
         plots.close()
