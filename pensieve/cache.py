@@ -678,10 +678,9 @@ class KVCacheManager:
 
     def _pick_chunks_few(self, candidates, now: float, device: bool, budget: int) -> list:
         """`_pick_chunks` for a handful of conversations (numpy's fixed costs would dominate): a k-way
-        merge of their score-sorted chunk sequences through a heap of one head per conversation.
-        The conversation at the top gives, at once, every chunk that scores under the best of the
-        other heads (what one-by-one pops would take in a row). Same picks, same order, same runs."""
-        score, below, trailing = self.policy.score, self.policy.chunks_below, self.trailing
+        merge of their score-sorted chunk sequences, `budget` pops of a heap of one head per
+        conversation. Same picks, same order, same runs."""
+        score, trailing = self.policy.score, self.trailing
         heads = []
         for order, conv in enumerate(candidates):
             k, end = (conv.b, len(conv.dev)) if device else (conv.d, conv.h)
@@ -690,26 +689,18 @@ class KVCacheManager:
                 heads.append((score(n - 1 - k if trailing else k, idle_s), order, k, end, n, idle_s, conv))
         heapq.heapify(heads)
         runs: dict[int, list] = {}  # order -> [first score, order, conversation, first chunk, count]
-        left = budget
-        while heads and left:
+        for _ in range(budget):
+            if not heads:
+                break
             value, order, k, end, n, idle_s, conv = heads[0]
-            stop = min(end, k + left)
-            if len(heads) > 1:
-                # the lowest other head is one of the top's children; a tie with it goes by order,
-                # which the heap already settled for the top chunk itself
-                rival = heads[1][0] if len(heads) == 2 else min(heads[1][0], heads[2][0])
-                take = max(1, below(n, k, stop, idle_s, rival, trailing))
-            else:
-                take = stop - k
             run = runs.get(order)
             if run is None:
-                runs[order] = [value, order, conv, k, take]
+                runs[order] = [value, order, conv, k, 1]
             else:
-                run[4] += take
-            left -= take
-            k += take
-            if k < end:
-                heapq.heapreplace(heads, (score(n - 1 - k if trailing else k, idle_s), order, k, end, n, idle_s, conv))
+                run[4] += 1
+            if k + 1 < end:
+                heapq.heapreplace(heads, (score(n - 2 - k if trailing else k + 1, idle_s), order, k + 1, end, n,
+                                          idle_s, conv))
             else:
                 heapq.heappop(heads)
         return [(conv, first, count) for _, _, conv, first, count in sorted(runs.values(), key=lambda r: r[:2])]
