@@ -333,7 +333,7 @@ class KVCacheManager:
                 take = min(want, len(free))
                 slots += free[:-take - 1:-1]  # what `take` pops would give, in their order
                 del free[-take:]
-            elif not self._reclaim_clean_run(want, slots):
+            elif not self._reclaim_clean_slots(want, slots):
                 slot = self._evict_device_chunk(now)
                 if slot < 0:
                     break
@@ -343,30 +343,36 @@ class KVCacheManager:
     def _reclaim_clean(self) -> int:
         """The device slot of the oldest swapped-out chunk still there, or -1."""
         slots: list[int] = []
-        return slots[0] if self._reclaim_clean_run(1, slots) else -1
+        return slots[0] if self._reclaim_clean_slots(1, slots) else -1
 
-    def _reclaim_clean_run(self, most: int, slots: list[int]) -> int:
+    def _reclaim_clean_slots(self, most: int, slots: list[int]) -> int:
         """Append to `slots` the device slots of up to `most` of the oldest swapped-out chunks still
-        there, all of one conversation; how many (0: none left).
+        there, in reclaim order; how many (0: none left).
 
         A queued chunk at position j is still reclaimable if its conversation is idle and j == h < b
         (the next chunk on both tiers); a run's chunks before h went already, and if h lies outside
         the run, or the conversation was restored, the whole run is stale.
         """
         clean = self._clean
-        while clean:
+        trailing = self.trailing
+        taken = 0
+        while clean and taken < most:
             conv, k, count = clean[0]
             j = conv.h
             if conv.active or not k <= j < k + count or j >= conv.b:
                 clean.popleft()
                 self._clean_queued -= count
                 continue
-            take = min(most, k + count - j, conv.b - j)
-            dev, n = conv.dev, len(conv.dev)
-            for p in range(j, j + take):
-                i = n - 1 - p if self.trailing else p
-                slots.append(dev[i])
-                dev[i] = -1
+            take = min(most - taken, k + count - j, conv.b - j)
+            dev = conv.dev
+            if trailing:
+                n = len(dev)
+                for p in range(j, j + take):
+                    slots.append(dev[n - 1 - p])
+                    dev[n - 1 - p] = -1
+            else:
+                slots += dev[j:j + take]
+                dev[j:j + take] = [-1] * take
             conv.h = j + take
             left = k + count - conv.h
             if left:
@@ -374,11 +380,11 @@ class KVCacheManager:
             else:
                 clean.popleft()
             self._clean_queued -= count - left
-            self.clean_count -= take
-            self.stats.reclaimed_chunks += take
-            return take
-        assert self.clean_count == 0, self.clean_count
-        return 0
+            taken += take
+        self.clean_count -= taken
+        self.stats.reclaimed_chunks += taken
+        assert clean or self.clean_count == 0, self.clean_count
+        return taken
 
     def _evict_device_chunk(self, now: float) -> int:
         """Evict one device-only chunk of an idle conversation (swap out, or drop); its slot or -1."""
@@ -421,14 +427,20 @@ class KVCacheManager:
     def _copy_to_host(self, conv: Conversation, count: int) -> None:
         """Record copies of the conversation's next `count` device-only chunks into free host slots;
         the device copies stay (clean) until their slots are reclaimed. The caller counts them."""
-        n, dev, host = len(conv.dev), conv.dev, conv.host
-        free, ops, trailing = self.host.free, self.swap_out_ops, self.trailing
-        for k in range(conv.b, conv.b + count):
-            i = n - 1 - k if trailing else k
-            slot = free.pop()
-            ops.append((dev[i], slot))
-            host[i] = slot
-        self._clean.append((conv, conv.b, count))
+        n, dev, host, b = len(conv.dev), conv.dev, conv.host, conv.b
+        free = self.host.free
+        if self.trailing:
+            ops = self.swap_out_ops
+            for k in range(b, b + count):
+                slot = free.pop()
+                ops.append((dev[n - 1 - k], slot))
+                host[n - 1 - k] = slot
+        else:
+            slots = free[:-count - 1:-1]  # what `count` pops would give, in their order
+            del free[-count:]
+            self.swap_out_ops.extend(zip(dev[b:b + count], slots))
+            host[b:b + count] = slots
+        self._clean.append((conv, b, count))
         self._clean_queued += count
         conv.b += count
         if conv.b == n:
