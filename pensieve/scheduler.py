@@ -289,9 +289,11 @@ class Scheduler:
 
     def take_plain_steps(self, count: int, now: float) -> None:
         """Carry out the first `count` of the steps `plain_steps` just described, the first starting
-        at `now`, exactly as schedule + complete would: their new chunks, their tokens."""
+        at `now`, exactly as schedule + complete would: their new chunks, their tokens. Nothing may
+        change in between (a turn added since makes the offer void)."""
         ticks = self.clock.ticks
-        if self._plain_ahead is None or self._plain_ahead[0] != ticks or not 0 <= count <= self._plain_ahead[1]:
+        if self._plain_ahead is None or self._plain_ahead[0] != ticks or not 0 <= count <= self._plain_ahead[1] \
+                or self.waiting:
             raise ValueError(f"take_plain_steps({count}): not within what plain_steps() last offered "
                              f"({self._plain_ahead})")
         self._plain_ahead = None

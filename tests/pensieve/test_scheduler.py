@@ -186,5 +186,9 @@ def test_plain_steps_taken_at_once_equal_steps_planned_one_by_one():
         taken.take_plain_steps(1, 3.1)  # nothing offered since
     decodes, context, count = taken.plain_steps()
     assert count == 3  # then A needs a 4th chunk in the step that ends B's turn: not plain
-    taken.take_plain_steps(count, 3.1)
-    assert taken.plain_steps() is None
+    taken.take_plain_steps(count - 1, 3.1)
+    assert taken.plain_steps() == (2, context + 2 * decodes, 1)
+    taken.add_request(Request(99, "C", 0, 3.05, 4, 2))
+    with pytest.raises(ValueError, match="plain_steps"):
+        taken.take_plain_steps(1, 3.2)  # a turn arrived since the offer
+    assert taken.plain_steps() is None  # it waits to be admitted
