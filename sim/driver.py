@@ -72,6 +72,7 @@ class _Server:
             end = self._plain_steps(start, start, horizon)
             plan = sched.schedule(end)
             if plan.empty:
+                assert end == start, "plain steps never end the last running turn"
                 self.wake = env.event()
                 yield self.wake
                 continue
