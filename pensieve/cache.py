@@ -143,62 +143,24 @@ class KVCacheManager:
             return None
         ct = self.chunk_tokens
         n, kv = conv.chunks, conv.kv_tokens
+        d, h, b = conv.d, conv.h, conv.b
+        dev, host = conv.dev, conv.host
+        trailing = self.trailing
         conv.active = True
         self.idle.pop(conv.id, None)
         self.idle_device.pop(conv.id, None)
-        self.active_slots += n - conv.h
-        if not self.trailing:
-            return self._acquire_leading(conv, now, n, kv)
-        gpu = cpu = recomputed = swapped_in = 0
-        dropped: list[int] = []
-        # Chunks on both tiers first: their device copy is used and the host copy freed, so no
-        # reclaim below can count them as clean while they are pinned.
-        for k in range(conv.h, n):
-            i = n - 1 - k
-            gpu += min(ct, kv - i * ct)
-            if k < conv.b:
-                self.host.release(conv.host[i])
-                conv.host[i] = -1
-                self.clean_count -= 1
-        # Every slot at once, in the order one-by-one requests would get them: taking them changes
-        # nothing that this conversation's own moves below depend on.
-        slots = self._obtain_device_slots(conv.h + -(-conv.tokens // ct) - n, now)
-        assert len(slots) == conv.h + -(-conv.tokens // ct) - n, "feasibility was checked"
-        for k in range(conv.h):
-            i = n - 1 - k
-            slot = slots[k]
-            tokens = min(ct, kv - i * ct)
-            if k < conv.d:
-                dropped.append(i)
-                recomputed += tokens
-            else:
-                self.swap_in_ops.append((conv.host[i], slot))
-                self._host_limbo.append(conv.host[i])
-                conv.host[i] = -1
-                cpu += tokens
-                swapped_in += 1
-            conv.dev[i] = slot
-            self.active_slots += 1
-        new = slots[conv.h:]
-        conv.d = conv.h = conv.b = 0
-        conv.dev.extend(new)
-        conv.host.extend([-1] * len(new))
-        self.active_slots += len(new)
-        self.stats.swap_in_chunks += swapped_in
-        spans = _merge_spans([(i * ct, min(ct, kv - i * ct)) for i in sorted(dropped)] + [(kv, conv.tokens - kv)])
-        return Restore(spans, gpu, cpu, recomputed, conv.tokens - kv, swapped_in)
-
-    def _acquire_leading(self, conv: Conversation, now: float, n: int, kv: int) -> Restore:
-        """`acquire` for leading-first policies, where eviction order is position order: each of the
-        layout's four runs is a slice ([0, d) dropped, [d, h) host, [h, b) both, [b, n) device)."""
-        ct = self.chunk_tokens
-        d, h, b = conv.d, conv.h, conv.b
-        dev, host = conv.dev, conv.host
+        # Each run of the layout ([0, d) dropped, [d, h) host, [h, b) both) moves as a slice of
+        # chunk indices; for a trailing-first policy a slice runs against eviction order, so
+        # what is listed in eviction order (host slots freed, copies) is reversed first.
         # Chunks on both tiers first: their device copy is used and the host copy freed, so no
         # reclaim below can count them as clean while they are pinned.
         if b > h:
-            self.host.free.extend(host[h:b])
-            host[h:b] = [-1] * (b - h)
+            both = self._indices(n, h, b)
+            freed = host[both]
+            if trailing:
+                freed.reverse()
+            self.host.free.extend(freed)
+            host[both] = [-1] * (b - h)
             self.clean_count -= b - h
         # Every slot at once, in the order one-by-one requests would get them: taking them changes
         # nothing that this conversation's own moves below depend on.
@@ -206,23 +168,32 @@ class KVCacheManager:
         slots = self._obtain_device_slots(needed, now)
         assert len(slots) == needed, "feasibility was checked"
         if h > d:
-            from_host = host[d:h]
-            self.swap_in_ops.extend(zip(from_host, slots[d:h]))
-            self._host_limbo.extend(from_host)
-            host[d:h] = [-1] * (h - d)
-        dev[0:h] = slots[:h]
+            on_host = self._indices(n, d, h)
+            copied = host[on_host]
+            if trailing:
+                copied.reverse()
+            self.swap_in_ops.extend(zip(copied, slots[d:h]))
+            self._host_limbo.extend(copied)
+            host[on_host] = [-1] * (h - d)
+        placed = slots[:h]
+        if trailing:
+            placed.reverse()
+        dev[self._indices(n, 0, h)] = placed
         new = slots[h:]
         dev.extend(new)
         host.extend([-1] * len(new))
-        self.active_slots += needed
+        self.active_slots += n - h + needed
         conv.d = conv.h = conv.b = 0
-        # tokens in chunks [0, m) are min(m * ct, kv): only the last chunk may be partial
-        recomputed = min(d * ct, kv)
-        cpu = min(h * ct, kv) - recomputed
-        gpu = kv - recomputed - cpu
+        dropped = self._indices(n, 0, d)
+        recomputed = _tokens_in(dropped, ct, kv)
+        cpu = _tokens_in(self._indices(n, d, h), ct, kv)
         self.stats.swap_in_chunks += h - d
-        spans = _merge_spans([(0, recomputed), (kv, conv.tokens - kv)])
-        return Restore(spans, gpu, cpu, recomputed, conv.tokens - kv, h - d)
+        spans = _merge_spans([(dropped.start * ct, recomputed), (kv, conv.tokens - kv)])
+        return Restore(spans, kv - recomputed - cpu, cpu, recomputed, conv.tokens - kv, h - d)
+
+    def _indices(self, n: int, first: int, end: int) -> slice:
+        """The chunk indices of eviction positions [first, end) in a conversation of n chunks."""
+        return slice(n - end, n - first) if self.trailing else slice(first, end)
 
     def grow(self, conv: Conversation, now: float) -> bool:
         """Make room for the KV of position `kv_tokens` (a decode); False when nothing can be evicted."""
@@ -787,6 +758,11 @@ class KVCacheManager:
         limbo = set(self._host_limbo)
         assert len(host_seen) + len(self.host.free) + len(limbo) == self.host.capacity, "host tier over capacity"
         assert not host_seen & (set(self.host.free) | limbo)
+
+
+def _tokens_in(chunks: slice, chunk_tokens: int, kv_tokens: int) -> int:
+    """Computed tokens in a slice of a conversation's chunks: only its last chunk may be partial."""
+    return min(chunks.stop * chunk_tokens, kv_tokens) - min(chunks.start * chunk_tokens, kv_tokens)
 
 
 def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
