@@ -336,14 +336,12 @@ class KVCacheManager:
                 continue
             take = min(most - taken, k + count - j, conv.b - j)
             dev = conv.dev
+            chunks = self._indices(len(dev), j, j + take)
+            got = dev[chunks]
             if trailing:
-                n = len(dev)
-                for p in range(j, j + take):
-                    slots.append(dev[n - 1 - p])
-                    dev[n - 1 - p] = -1
-            else:
-                slots += dev[j:j + take]
-                dev[j:j + take] = [-1] * take
+                got.reverse()  # into eviction order
+            slots += got
+            dev[chunks] = [-1] * take
             conv.h = j + take
             left = k + count - conv.h
             if left:
@@ -400,17 +398,16 @@ class KVCacheManager:
         the device copies stay (clean) until their slots are reclaimed. The caller counts them."""
         n, dev, host, b = len(conv.dev), conv.dev, conv.host, conv.b
         free = self.host.free
-        if self.trailing:
-            ops = self.swap_out_ops
-            for k in range(b, b + count):
-                slot = free.pop()
-                ops.append((dev[n - 1 - k], slot))
-                host[n - 1 - k] = slot
+        slots = free[:-count - 1:-1]  # what `count` pops would give, in their order
+        del free[-count:]
+        chunks = self._indices(n, b, b + count)
+        copied = dev[chunks]
+        if self.trailing:  # the slices run against eviction order
+            copied.reverse()
+            host[chunks] = slots[::-1]
         else:
-            slots = free[:-count - 1:-1]  # what `count` pops would give, in their order
-            del free[-count:]
-            self.swap_out_ops.extend(zip(dev[b:b + count], slots))
-            host[b:b + count] = slots
+            host[chunks] = slots
+        self.swap_out_ops.extend(zip(copied, slots))
         self._clean.append((conv, b, count))
         self._clean_queued += count
         conv.b += count
