@@ -432,7 +432,6 @@ class KVCacheManager:
         queue = self._host_victims
         if not self.host.capacity:
             return 0
-        trailing = self.trailing
         dropped = 0
         while len(free) < count:
             if not queue and not self._refill(queue, now, device=False):
@@ -450,14 +449,11 @@ class KVCacheManager:
                     break
                 self._drop_host_run(conv, n_run)
                 continue
-            # _drop_host_run inlined, with the counting done once after the loop: this is the
-            # host tier's hot path under pressure
+            # _drop_host_run, with the counting done once after the loop: this is the host
+            # tier's hot path under pressure
             drop = min(n_run, count - len(free))
-            host, n = conv.host, len(conv.dev)
-            for j in range(k, k + drop):
-                i = n - 1 - j if trailing else j
-                free.append(host[i])
-                host[i] = -1
+            self._release_host_chunks(conv, k, drop)
+            n = len(conv.dev)
             conv.d = k + drop
             dropped += drop
             if conv.d == n:
@@ -472,13 +468,19 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ layout moves
     def _drop_host_run(self, conv: Conversation, count: int) -> None:
-        n, host, free = len(conv.dev), conv.host, self.host.free
-        for k in range(conv.d, conv.d + count):
-            i = n - 1 - k if self.trailing else k
-            free.append(host[i])
-            host[i] = -1
+        self._release_host_chunks(conv, conv.d, count)
         conv.d += count
         self._count_drops(conv, "host", count)
+
+    def _release_host_chunks(self, conv: Conversation, first: int, count: int) -> None:
+        """Free the host slots of the chunks at eviction positions [first, first + count), in that order."""
+        chunks = self._indices(len(conv.dev), first, first + count)
+        host = conv.host
+        released = host[chunks]
+        if self.trailing:
+            released.reverse()
+        self.host.free += released
+        host[chunks] = [-1] * count
 
     def _drop_device_run(self, conv: Conversation, count: int) -> int:
         """Drop the next `count` device-only chunks (a whole-conversation policy: all); one freed slot."""
