@@ -604,6 +604,19 @@ class KVCacheManager:
             block = list(itertools.islice(conversations, PICK_BLOCK))
             if not block:
                 break
+            size = len(block)
+            positions = None
+            if not device:
+                # Many idle conversations hold nothing on the host alone: set them aside before
+                # reading the rest (their place in the order still counts).
+                positions = [i for i, c in enumerate(block) if c.d < c.h]
+                if len(positions) < size:
+                    if not positions:
+                        seen += size
+                        continue
+                    block = [block[i] for i in positions]
+                else:
+                    positions = None
             idle = now - np.fromiter([c.last_active for c in block], float, len(block))
             if held >= budget and policy.score_floor(float(idle[0])) >= bound:
                 break  # the longest idle of those left cannot beat the chunks in hand
@@ -620,7 +633,8 @@ class KVCacheManager:
                 counts = np.maximum(span, 0)
             kept = np.flatnonzero(counts)
             if len(kept):
-                block_args = (kept + seen, firsts[kept], counts[kept], sizes[kept], idle[kept])
+                orders = (kept if positions is None else np.asarray(positions)[kept]) + seen
+                block_args = (orders, firsts[kept], counts[kept], sizes[kept], idle[kept])
                 for collected, part in zip((kept_orders, kept_firsts, kept_counts, kept_sizes, kept_idles), block_args):
                     collected.append(part)
                 values, owner, j = self._score_chunks(*block_args)
@@ -630,7 +644,7 @@ class KVCacheManager:
                 if held >= budget:
                     everything = np.concatenate([v for v, _, _ in scored]) if len(scored) > 1 else values
                     bound = float(np.partition(everything, budget - 1)[budget - 1])
-            seen += len(block)
+            seen += size
         if not convs:
             return []
         orders, firsts, counts, sizes, idles = (np.concatenate(a).tolist() for a in (
