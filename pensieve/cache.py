@@ -336,12 +336,15 @@ class KVCacheManager:
                 continue
             take = min(most - taken, k + count - j, conv.b - j)
             dev = conv.dev
-            chunks = self._indices(len(dev), j, j + take)
-            got = dev[chunks]
-            if trailing:
-                got.reverse()  # into eviction order
+            if trailing:  # (the slice runs against eviction order)
+                n = len(dev)
+                got = dev[n - j - take:n - j]
+                got.reverse()
+                dev[n - j - take:n - j] = [-1] * take
+            else:
+                got = dev[j:j + take]
+                dev[j:j + take] = [-1] * take
             slots += got
-            dev[chunks] = [-1] * take
             conv.h = j + take
             left = k + count - conv.h
             if left:
@@ -400,13 +403,13 @@ class KVCacheManager:
         free = self.host.free
         slots = free[:-count - 1:-1]  # what `count` pops would give, in their order
         del free[-count:]
-        chunks = self._indices(n, b, b + count)
-        copied = dev[chunks]
         if self.trailing:  # the slices run against eviction order
+            copied = dev[n - b - count:n - b]
             copied.reverse()
-            host[chunks] = slots[::-1]
+            host[n - b - count:n - b] = slots[::-1]
         else:
-            host[chunks] = slots
+            copied = dev[b:b + count]
+            host[b:b + count] = slots
         self.swap_out_ops.extend(zip(copied, slots))
         self._clean.append((conv, b, count))
         self._clean_queued += count
@@ -474,13 +477,16 @@ class KVCacheManager:
 
     def _release_host_chunks(self, conv: Conversation, first: int, count: int) -> None:
         """Free the host slots of the chunks at eviction positions [first, first + count), in that order."""
-        chunks = self._indices(len(conv.dev), first, first + count)
         host = conv.host
-        released = host[chunks]
-        if self.trailing:
+        if self.trailing:  # the slice runs against eviction order
+            n = len(host)
+            released = host[n - first - count:n - first]
             released.reverse()
+            host[n - first - count:n - first] = [-1] * count
+        else:
+            released = host[first:first + count]
+            host[first:first + count] = [-1] * count
         self.host.free += released
-        host[chunks] = [-1] * count
 
     def _drop_device_run(self, conv: Conversation, count: int) -> int:
         """Drop the next `count` device-only chunks (a whole-conversation policy: all); one freed slot."""
