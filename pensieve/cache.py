@@ -155,12 +155,7 @@ class KVCacheManager:
         # Chunks on both tiers first: their device copy is used and the host copy freed, so no
         # reclaim below can count them as clean while they are pinned.
         if b > h:
-            both = self._indices(n, h, b)
-            freed = host[both]
-            if trailing:
-                freed.reverse()
-            self.host.free.extend(freed)
-            host[both] = [-1] * (b - h)
+            self.host.free += self._take_run(host, h, b - h)
             self.clean_count -= b - h
         # Every slot at once, in the order one-by-one requests would get them: taking them changes
         # nothing that this conversation's own moves below depend on.
@@ -168,13 +163,9 @@ class KVCacheManager:
         slots = self._obtain_device_slots(needed, now)
         assert len(slots) == needed, "feasibility was checked"
         if h > d:
-            on_host = self._indices(n, d, h)
-            copied = host[on_host]
-            if trailing:
-                copied.reverse()
+            copied = self._take_run(host, d, h - d)
             self.swap_in_ops.extend(zip(copied, slots[d:h]))
             self._host_limbo.extend(copied)
-            host[on_host] = [-1] * (h - d)
         placed = slots[:h]
         if trailing:
             placed.reverse()
@@ -325,7 +316,6 @@ class KVCacheManager:
         the run, or the conversation was restored, the whole run is stale.
         """
         clean = self._clean
-        trailing = self.trailing
         taken = 0
         while clean and taken < most:
             conv, k, count = clean[0]
@@ -335,16 +325,7 @@ class KVCacheManager:
                 self._clean_queued -= count
                 continue
             take = min(most - taken, k + count - j, conv.b - j)
-            dev = conv.dev
-            if trailing:  # (the slice runs against eviction order)
-                n = len(dev)
-                got = dev[n - j - take:n - j]
-                got.reverse()
-                dev[n - j - take:n - j] = [-1] * take
-            else:
-                got = dev[j:j + take]
-                dev[j:j + take] = [-1] * take
-            slots += got
+            slots += self._take_run(conv.dev, j, take)
             conv.h = j + take
             left = k + count - conv.h
             if left:
@@ -455,7 +436,7 @@ class KVCacheManager:
             # _drop_host_run, with the counting done once after the loop: this is the host
             # tier's hot path under pressure
             drop = min(n_run, count - len(free))
-            self._release_host_chunks(conv, k, drop)
+            free += self._take_run(conv.host, k, drop)
             n = len(conv.dev)
             conv.d = k + drop
             dropped += drop
@@ -471,22 +452,22 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ layout moves
     def _drop_host_run(self, conv: Conversation, count: int) -> None:
-        self._release_host_chunks(conv, conv.d, count)
+        self.host.free += self._take_run(conv.host, conv.d, count)
         conv.d += count
         self._count_drops(conv, "host", count)
 
-    def _release_host_chunks(self, conv: Conversation, first: int, count: int) -> None:
-        """Free the host slots of the chunks at eviction positions [first, first + count), in that order."""
-        host = conv.host
+    def _take_run(self, slots: list[int], first: int, count: int) -> list[int]:
+        """Take the slots of a conversation's chunks at eviction positions [first, first + count) out
+        of its `dev` or `host` list (leaving -1 there), in eviction order."""
         if self.trailing:  # the slice runs against eviction order
-            n = len(host)
-            released = host[n - first - count:n - first]
-            released.reverse()
-            host[n - first - count:n - first] = [-1] * count
+            n = len(slots)
+            taken = slots[n - first - count:n - first]
+            taken.reverse()
+            slots[n - first - count:n - first] = [-1] * count
         else:
-            released = host[first:first + count]
-            host[first:first + count] = [-1] * count
-        self.host.free += released
+            taken = slots[first:first + count]
+            slots[first:first + count] = [-1] * count
+        return taken
 
     def _drop_device_run(self, conv: Conversation, count: int) -> int:
         """Drop the next `count` device-only chunks (a whole-conversation policy: all); one freed slot."""
