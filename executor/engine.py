@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,13 +17,12 @@ from executor.cpu import tune_allocator
 from executor.kv_store import PagedKVStore
 from executor.models import LoadedModel
 from executor.runner import ModelRunner, SeqInput, sample
-from pensieve.cache import KVCacheManager
-from pensieve.cost import CostModel
+from pensieve.config import SchedulerConfig
+from pensieve.core import build_core
+from pensieve.cost import CostModel, LinearCostModel
 from pensieve.models import DTYPE_BYTES
 from pensieve.plan import StepPlan, StepResult
-from pensieve.policies import make_policy
 from pensieve.request import Request
-from pensieve.scheduler import Scheduler
 from pensieve.tiers import slots_for
 
 # (request ids in batch order, their logits [n, vocab]) after every forward: tests compare logits.
@@ -44,6 +43,8 @@ class EngineConfig:
     max_batch_requests: int = 256
     decode_reserve: float = 0.10
     swap_out_threshold: float = 0.25
+    swap_out_batch: float = 0.01
+    policy_params: dict = field(default_factory=dict)  # the policy's constructor arguments (cache.policy.params)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
@@ -52,6 +53,18 @@ class EngineConfig:
 def kv_bytes_per_token(dims: dict) -> int:
     """2 (K and V) x layers x kv_heads x head_dim x dtype bytes."""
     return 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * DTYPE_BYTES[dims["dtype"]]
+
+
+def core_for(config: EngineConfig, device_slots: int, host_slots: int, max_context: int,
+             cost_model: CostModel | None, bytes_per_chunk: int):
+    """The core an engine serves with, built by the same factory as the simulator's."""
+    scheduler = SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_batch_requests=config.max_batch_requests,
+                                decode_reserve=config.decode_reserve, swap_out_threshold=config.swap_out_threshold,
+                                swap_out_batch=config.swap_out_batch)
+    return build_core(policy=config.policy, policy_params=config.policy_params,
+                      cost_model=cost_model or LinearCostModel(), device_slots=device_slots, host_slots=host_slots,
+                      chunk_tokens=config.chunk_tokens, max_context=max_context, scheduler=scheduler,
+                      bytes_per_chunk=bytes_per_chunk)
 
 
 def model_eos_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -92,11 +105,8 @@ class Engine:
                 f"at least {self.bytes_per_chunk / 1e9:.6f} GB, and room for whole conversations"
             )
         self.max_context = dims["max_context"]
-        cache = KVCacheManager(device_slots, host_slots, ct, make_policy(config.policy, cost_model), self.max_context,
-                               bytes_per_chunk=self.bytes_per_chunk)
-        self.scheduler = Scheduler(cache, config.max_batch_tokens, config.max_batch_requests,
-                                   config.decode_reserve, config.swap_out_threshold, self.max_context)
-        self.cache = cache
+        self.scheduler = core_for(config, device_slots, host_slots, self.max_context, cost_model, self.bytes_per_chunk)
+        cache = self.cache = self.scheduler.cache
         if loaded.device.type == "cpu":
             tune_allocator()  # before the first step's temporaries: see executor/cpu.py
         # Sized from the cache, not the config: policies without a host tier get no host pool.

@@ -41,11 +41,16 @@ class RealRun:
 
 
 def engine_config(scenario: Scenario, policy: str | None = None) -> EngineConfig:
+    """Every cache and scheduler setting of the scenario, for the engine's core (`policy` overrides the
+    scenario's, and then the scenario's policy params are left out, as `build_scheduler` does)."""
+    from pensieve.core import policy_params
+
     s, c = scenario.scheduler, scenario.cache
     return EngineConfig(
-        policy=policy or c.policy.type, device_cache_gb=c.device_gb, host_cache_gb=c.host_gb,
-        chunk_tokens=c.chunk_tokens, max_batch_tokens=s.max_batch_tokens, max_batch_requests=s.max_batch_requests,
-        decode_reserve=s.decode_reserve, swap_out_threshold=s.swap_out_threshold, seed=scenario.seed,
+        policy=policy or c.policy.type, policy_params=policy_params(scenario, policy), device_cache_gb=c.device_gb,
+        host_cache_gb=c.host_gb, chunk_tokens=c.chunk_tokens, max_batch_tokens=s.max_batch_tokens,
+        max_batch_requests=s.max_batch_requests, decode_reserve=s.decode_reserve,
+        swap_out_threshold=s.swap_out_threshold, swap_out_batch=s.swap_out_batch, seed=scenario.seed,
     )
 
 
@@ -207,10 +212,9 @@ def load_scenario_model(scenario: Scenario, source: str, device: str | None = No
 def run_command(args) -> int:
     """`pensieve run SCENARIO [--policy P ...]`: serve the workload for real, once per policy, and compare."""
     from pensieve.config import load_scenario
-    from pensieve.core import build_cost_model
+    from pensieve.core import build_cost_model, rng_for
     from pensieve.results import SUMMARY_COLUMNS, format_table, summary_row
     from pensieve.workload import build_workload, scale_think_times
-    from sim.driver import rng_for
 
     scenario = load_scenario(args.scenario)
     workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)

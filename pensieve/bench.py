@@ -9,10 +9,10 @@ import time
 from dataclasses import asdict, dataclass
 
 from .backends import BookkeepingBackend
-from .cache import KVCacheManager
-from .policies import make_policy
+from .config import SchedulerConfig
+from .core import build_core
+from .cost import LinearCostModel
 from .request import Request
-from .scheduler import Scheduler
 
 
 @dataclass
@@ -38,16 +38,17 @@ class CoreBenchResult:
 def run_core_bench(policy: str = "pensieve", running: int = 128, device_slots: int = 100_000,
                    host_slots: int = 100_000, history_tokens: int = 1024, output_tokens: int = 256,
                    prompt_tokens: int = 64, steps: int = 4000, chunk_tokens: int = 32, spread_s: float = 600.0,
-                   seed: int = 0, eviction_batch: float | None = None) -> CoreBenchResult:
+                   seed: int = 0) -> CoreBenchResult:
     """Fill both tiers with idle conversations, then keep `running` decodes going for `steps` steps.
 
     Each finished turn is replaced by the next turn of a randomly chosen idle conversation, whose
     chunks must be restored (swap-ins, recomputation) while the device tier evicts and swaps out.
     """
     rng = random.Random(seed)
-    batch = {} if eviction_batch is None else {"eviction_batch": eviction_batch}
-    cache = KVCacheManager(device_slots, host_slots, chunk_tokens, make_policy(policy), max_context=16384, **batch)
-    sched = Scheduler(cache, max_batch_tokens=8192, max_batch_requests=running, max_context=16384)
+    sched = build_core(policy=policy, cost_model=LinearCostModel(), device_slots=device_slots, host_slots=host_slots,
+                       chunk_tokens=chunk_tokens, max_context=16384,
+                       scheduler=SchedulerConfig(max_batch_tokens=8192, max_batch_requests=running))
+    cache = sched.cache
     backend = BookkeepingBackend()
     chunks_per_conv = -(-history_tokens // chunk_tokens)
     # Enough conversations to overfill both tiers, so evictions happen from the first step on.
@@ -110,12 +111,12 @@ def main(args) -> int:
 
     runs = [
         run_core_bench(policy=args.policy, running=args.running, device_slots=args.device_slots,
-                       host_slots=args.host_slots, steps=args.steps, seed=i, eviction_batch=args.eviction_batch)
+                       host_slots=args.host_slots, steps=args.steps, seed=i)
         for i in tqdm(range(args.repeats), desc="bench-core", unit="run")
     ]
     median = statistics.median(r.mean_us_per_step for r in runs)
     if args.json:
-        from .cli import print_json
+        from .results import print_json
 
         print_json({"median_us_per_step": median, "runs": [r.to_dict() for r in runs]})
         return 0

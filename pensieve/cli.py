@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from importlib import import_module
 
@@ -66,8 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-slots", type=int, default=100_000)
     p.add_argument("--host-slots", type=int, default=100_000)
     p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--eviction-batch", type=float, default=None,
-                   help="victims scored per pass, as a fraction of a tier (default: the scenario default)")
     p.add_argument("--repeats", type=int, default=3, help="runs; the median is reported")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(handler="pensieve.bench:main")
@@ -140,11 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"pensieve {args.verb}: interrupted", file=sys.stderr)
         return 130
-
-
-def print_json(data: dict) -> None:
-    json.dump(data, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 if __name__ == "__main__":

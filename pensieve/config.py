@@ -60,10 +60,16 @@ class CacheConfig(_Strict):
     device_gb: float = Field(gt=0, description="device (GPU) tier size in GB (10^9 bytes)")
     host_gb: float = Field(default=0.0, ge=0, description="host (CPU) tier size in GB")
     chunk_tokens: int = Field(default=32, ge=1, le=4096)
-    eviction_batch: float = Field(
-        default=0.01, ge=0, lt=1, description="fraction of a tier's slots selected per eviction scoring pass"
-    )
     policy: PolicyConfig = PolicyConfig(type="pensieve")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_eviction_batch(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "eviction_batch" in value:
+            raise ValueError("eviction_batch is gone: every eviction now follows exact retention order, with no "
+                             "batched approximation; remove the key (the ahead-of-time swap-out overshoot it also "
+                             "set is scheduler.swap_out_batch)")
+        return value
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -84,6 +90,10 @@ class SchedulerConfig(_Strict):
     max_batch_requests: int = Field(default=256, ge=1)
     decode_reserve: float = Field(default=0.10, ge=0, lt=1)
     swap_out_threshold: float = Field(default=0.25, ge=0, lt=1)
+    swap_out_batch: float = Field(
+        default=0.01, ge=0, lt=1,
+        description="ahead-of-time swap-out copies this fraction of the device tier (at least 64 chunks) past "
+                    "its shortfall, so that it runs every few steps; 0: one chunk past it")
 
 
 class WorkloadConfig(_Strict):

@@ -7,13 +7,19 @@ A policy decides *which* idle conversation gives up a chunk next; the cache mana
   (only a kept prefix is reused);
 - `unit`: "chunk" moves one chunk at a time, "conversation" moves all of a conversation's
   chunks on a tier together;
-- `uses_host_tier` and `retains_history`.
-Lower scores are evicted first, and a conversation's chunks must score in nondecreasing
-order along the policy's eviction order (the manager relies on it to select victims quickly).
+- `uses_host_tier` and `retains_history`;
+- `victim_index`: which exact victim index its score allows (see `pensieve.victims`):
+  "recency" (the score depends on idle time alone and never rises with it), "retention" (it
+  never rises with idle time at a fixed chunk) or "scan" (anything else; the default).
+
+What a policy minimally implements: a subclass of `EvictionPolicy` with a `score(chunk_index,
+idle_s)`. Lower scores are evicted first. The contract, checked at `bind` (a policy that breaks
+it is refused with `PolicyContractError`): a conversation's chunks score in nondecreasing order
+along the policy's eviction order, at every idle time, so that a conversation's next chunk in
+eviction order is also its lowest-scoring one. A declared `victim_index` is checked the same way.
 """
 from __future__ import annotations
 
-import bisect
 import importlib
 
 import numpy as np
@@ -24,6 +30,14 @@ from .cost import CostModel, LinearCostModel
 # infinite; the floor keeps scores finite and ordered by cost among equally fresh chunks.
 MIN_IDLE_S = 1e-6
 
+# Idle times at which `bind` checks a policy's contract: from a conversation released this very
+# step to one idle for a day.
+CONTRACT_IDLE_S = (0.0, 1e-6, 1e-3, 0.5, 1.0, 60.0, 3600.0, 86400.0)
+
+
+class PolicyContractError(ValueError):
+    """A policy whose scores break the contract victim selection relies on (see the module doc)."""
+
 
 class EvictionPolicy:
     """Base class. Subclasses set the traits and override `score`."""
@@ -33,6 +47,7 @@ class EvictionPolicy:
     unit = "chunk"
     uses_host_tier = True
     retains_history = True
+    victim_index = "scan"
 
     def __init__(self, cost_model: CostModel | None = None) -> None:
         self.cost_model = cost_model or LinearCostModel()
@@ -43,12 +58,44 @@ class EvictionPolicy:
 
         Recomputing a chunk after more context never costs less, and victim selection relies on
         a conversation's chunk costs rising along it; a cost model that dips (interpolating a
-        profile measured for another chunk size, say) is made nondecreasing here.
+        profile measured for another chunk size, say) is made nondecreasing here. Then the
+        policy's contract is checked.
         """
         costs = [self.cost_model.chunk_recompute_s(i * chunk_tokens, chunk_tokens) for i in range(max_chunks + 1)]
         self._chunk_cost = np.maximum.accumulate(costs).tolist()
-        self._min_cost = min(self._chunk_cost)
         self._cost_array = np.asarray(self._chunk_cost)
+        self.check_contract(max_chunks)
+
+    def check_contract(self, max_chunks: int) -> None:
+        """Refuse (PolicyContractError) scores that fall along the eviction order, or that break the
+        declared `victim_index`, at any chunk of a `max_chunks` conversation and idle times from
+        0 s to a day (CONTRACT_IDLE_S)."""
+        trailing = self.order == "trailing"
+        rows = [[self.score(i, t) for i in range(max_chunks)] for t in CONTRACT_IDLE_S]
+        for t, row in zip(CONTRACT_IDLE_S, rows):
+            along = row[::-1] if trailing else row  # scores in eviction order
+            for p in range(len(along) - 1):
+                if not along[p] <= along[p + 1]:
+                    a, b = (max_chunks - 1 - p, max_chunks - 2 - p) if trailing else (p, p + 1)
+                    raise PolicyContractError(
+                        f"policy {self.name!r} ({type(self).__name__}) breaks the eviction contract: at idle time {t} s "
+                        f"chunk {b} scores {along[p + 1]!r}, below chunk {a}'s {along[p]!r}, which its {self.order} "
+                        f"order evicts first; scores must be nondecreasing along the eviction order")
+        if self.victim_index not in ("recency", "retention", "scan"):
+            raise PolicyContractError(f"policy {self.name!r}: victim_index must be recency, retention or scan, "
+                                      f"got {self.victim_index!r}")
+        if self.victim_index == "scan":
+            return
+        for i in range(max_chunks):
+            column = [row[i] for row in rows]  # idle times ascending
+            if any(not later <= earlier for earlier, later in zip(column, column[1:])):
+                raise PolicyContractError(
+                    f"policy {self.name!r} declares victim_index {self.victim_index!r}, but chunk {i}'s score "
+                    f"rises with idle time ({column}); declare victim_index = 'scan'")
+            if self.victim_index == "recency" and any(row[i] != row[0] for row in rows):
+                raise PolicyContractError(
+                    f"policy {self.name!r} declares victim_index 'recency', but its score depends on the chunk "
+                    f"(chunk {i} against chunk 0); declare 'retention' or 'scan'")
 
     def chunk_cost(self, chunk_index: int) -> float:
         return self._chunk_cost[chunk_index]
@@ -62,73 +109,18 @@ class EvictionPolicy:
         return np.fromiter((self.score(int(i), float(t)) for i, t in zip(chunk_index, idle_s)),
                            dtype=float, count=len(chunk_index))
 
-    def chunks_below(self, n: int, first: int, end: int, idle_s: float, bound: float, trailing: bool) -> int:
-        """How many chunks from eviction position `first` (before `end`) score under `bound`.
-
-        A conversation of `n` chunks; positions map to chunk indices in reverse when trailing.
-        """
-        count = 0
-        for j in range(first, end):
-            if self.score(n - 1 - j if trailing else j, idle_s) >= bound:
-                break
-            count += 1
-        return count
-
-    def chunks_below_array(self, n: np.ndarray, first: np.ndarray, end: np.ndarray, idle_s: np.ndarray,
-                           bound: float, trailing: bool) -> np.ndarray:
-        """`chunks_below` over arrays of conversations; override with a vectorised form (same results)."""
-        return np.fromiter((self.chunks_below(int(a), int(b), int(c), float(t), bound, trailing)
-                            for a, b, c, t in zip(n, first, end, idle_s)), dtype=int, count=len(n))
-
-    def score_floor(self, idle_s: float) -> float:
-        """A lower bound on `score(i, t)` for every chunk i and every t <= idle_s.
-
-        The manager scans idle conversations from the longest idle down and stops once this
-        bound cannot beat the victims it already holds; -inf (the default) scans them all.
-        """
-        return float("-inf")
-
 
 class PensievePolicy(EvictionPolicy):
     """Retention value V = Cost(l) / T (§4.3.1): idle conversations and cheap leading chunks go first."""
 
     name = "pensieve"
+    victim_index = "retention"
 
     def score(self, chunk_index: int, idle_s: float) -> float:
         return self._chunk_cost[chunk_index] / max(idle_s, MIN_IDLE_S)
 
     def score_array(self, chunk_index: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
         return self._cost_array[chunk_index] / np.maximum(idle_s, MIN_IDLE_S)
-
-    def chunks_below(self, n: int, first: int, end: int, idle_s: float, bound: float, trailing: bool) -> int:
-        if trailing:
-            return super().chunks_below(n, first, end, idle_s, bound, trailing)
-        # Leading order: cost is nondecreasing in the index, so bisect; then settle the
-        # boundary with the exact score, since cost < bound * T can round differently.
-        t = max(idle_s, MIN_IDLE_S)
-        cut = bisect.bisect_left(self._chunk_cost, bound * t, first, end)
-        while cut > first and self._chunk_cost[cut - 1] / t >= bound:
-            cut -= 1
-        while cut < end and self._chunk_cost[cut] / t < bound:
-            cut += 1
-        return cut - first
-
-    def chunks_below_array(self, n: np.ndarray, first: np.ndarray, end: np.ndarray, idle_s: np.ndarray,
-                           bound: float, trailing: bool) -> np.ndarray:
-        if trailing:
-            return super().chunks_below_array(n, first, end, idle_s, bound, trailing)
-        # chunks_below's bisect and boundary settling, element by element in numpy
-        cost, top = self._cost_array, len(self._cost_array) - 1
-        t = np.maximum(idle_s, MIN_IDLE_S)
-        cut = np.clip(np.searchsorted(cost, bound * t, side="left"), first, end)
-        while (down := (cut > first) & (cost[np.maximum(cut - 1, 0)] / t >= bound)).any():
-            cut -= down
-        while (up := (cut < end) & (cost[np.minimum(cut, top)] / t < bound)).any():
-            cut += up
-        return cut - first
-
-    def score_floor(self, idle_s: float) -> float:
-        return self._min_cost / max(idle_s, MIN_IDLE_S)
 
 
 class PensieveGpuPolicy(PensievePolicy):
@@ -146,19 +138,12 @@ class LruPolicy(EvictionPolicy):
     """
 
     name = "lru"
+    victim_index = "recency"
 
     def score(self, chunk_index: int, idle_s: float) -> float:
         return -idle_s
 
     def score_array(self, chunk_index: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
-        return -idle_s
-
-    def chunks_below_array(self, n: np.ndarray, first: np.ndarray, end: np.ndarray, idle_s: np.ndarray,
-                           bound: float, trailing: bool) -> np.ndarray:
-        # every chunk of a conversation scores -idle: all of them are under the bound, or none
-        return np.where(-idle_s < bound, end - first, 0)
-
-    def score_floor(self, idle_s: float) -> float:
         return -idle_s
 
 
@@ -186,6 +171,7 @@ class StatelessPolicy(EvictionPolicy):
     name = "stateless"
     uses_host_tier = False
     retains_history = False
+    victim_index = "recency"
 
     def score(self, chunk_index: int, idle_s: float) -> float:
         return -idle_s

@@ -26,16 +26,19 @@ class Conversation:
     """One conversation's token counts and where each of its KV chunks lives.
 
     `dev[i]` / `host[i]` hold chunk i's slot in the device / host tier, or -1. Chunks are in
-    position order. The counters `d <= h <= b <= len(dev)` describe the layout in *eviction
-    order* (position order for leading-first policies, reversed for trailing-first ones):
-    [0, d) dropped | [d, h) host only | [h, b) on both tiers | [b, n) device only.
-    Eviction only ever advances these counters, and restoring a conversation resets them, so
-    the layout is monotone by construction and the dropped chunks are always a leading (or
-    trailing) run.
+    position order. Three boundaries describe the layout in *eviction order* (see
+    `pensieve.layout`: position order for leading-first policies, reversed for trailing-first
+    ones), `drop_end <= host_end <= copy_end <= chunks`:
+    [0, drop_end) dropped | [drop_end, host_end) host only | [host_end, copy_end) on both tiers |
+    [copy_end, chunks) device only.
+    Eviction only ever advances the boundaries, and restoring a conversation resets them, so the
+    layout is monotone by construction and the dropped chunks are always a leading (or trailing)
+    run. `released` numbers the conversation's latest release among all releases: the tie-break
+    of retention order (the longer idle first).
     """
 
-    __slots__ = ("id", "_tokens", "_kv_tokens", "_clock", "_since", "dev", "host", "d", "h", "b", "last_active",
-                 "active")
+    __slots__ = ("id", "_tokens", "_kv_tokens", "_clock", "_since", "dev", "host", "drop_end", "host_end", "copy_end",
+                 "last_active", "released", "active")
 
     def __init__(self, conversation_id, now: float) -> None:
         self.id = conversation_id
@@ -44,8 +47,9 @@ class Conversation:
         self._kv_tokens = 0
         self.dev: list[int] = []
         self.host: list[int] = []
-        self.d = self.h = self.b = 0
+        self.drop_end = self.host_end = self.copy_end = 0
         self.last_active = now
+        self.released = -1  # never released yet
         self.active = False  # a request of this conversation is admitted: its chunks are pinned
 
     @property

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,9 @@ def summary_row(summary: dict, **extra) -> dict:
         "ttft_mean": summary["ttft_s"]["mean"], "hit_gpu": summary["hit_rate"]["gpu"],
         "hit_cpu": summary["hit_rate"]["cpu"], "hit_miss": summary["hit_rate"]["miss"],
     }
+
+
+def print_json(data: dict) -> None:
+    """A command's results as JSON on standard output."""
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")

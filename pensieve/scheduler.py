@@ -359,12 +359,13 @@ class Scheduler:
     def _query_tokens(self, conv) -> int:
         """Tokens admitting `conv` computes: its dropped chunks' tokens plus its pending tokens."""
         ct = self.cache.chunk_tokens
-        dropped = conv.d * ct
-        if conv.d and not self.cache.trailing:
+        dropped_chunks = conv.drop_end
+        dropped = dropped_chunks * ct
+        if dropped_chunks and not self.cache.trailing:
             # the last chunk may be partial only if every chunk is dropped
             dropped = min(dropped, conv.kv_tokens)
-        elif conv.d:
-            dropped = conv.kv_tokens - (conv.chunks - conv.d) * ct
+        elif dropped_chunks:
+            dropped = conv.kv_tokens - (conv.chunks - dropped_chunks) * ct
         return dropped + conv.tokens - conv.kv_tokens
 
     # ------------------------------------------------------------------ checks

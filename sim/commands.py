@@ -9,12 +9,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pensieve.config import expand_sweep, load_scenario
-from pensieve.core import build_cost_model, build_scheduler
+from pensieve.core import build_cost_model, build_scheduler, rng_for
 from pensieve.plots import PlotWorker, plot_sweep
 from pensieve.results import SUMMARY_COLUMNS, format_table, request_rows, summary_row, write_results
 from pensieve.workload import WorkloadError, build_workload
 
-from .driver import rng_for, simulate
+from .driver import simulate
 from .sweep import run_points, throughput_at_target
 
 

@@ -10,7 +10,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import simpy
 from tqdm import tqdm
 
@@ -173,8 +172,3 @@ def simulate(scenario: Scenario, workload: Workload, cost: CostModel, progress: 
                "interrupted": interrupted, "unfinished": workload.requests - len(sched.finished)},
     )
     return SimRun(summary, sched.finished, server.timeline, interrupted)
-
-
-def rng_for(scenario: Scenario) -> np.random.Generator:
-    """One seeded generator per scenario, so the same scenario draws the same workload."""
-    return np.random.default_rng(scenario.seed)

@@ -6,11 +6,11 @@ import math
 from concurrent.futures import ProcessPoolExecutor
 
 from pensieve.config import Scenario, parse_scenario
-from pensieve.core import build_cost_model
+from pensieve.core import build_cost_model, rng_for
 from pensieve.results import summary_row
 from pensieve.workload import build_workload
 
-from .driver import rng_for, simulate
+from .driver import simulate
 
 
 def run_point(scenario_data: dict, source: str, point: dict) -> dict:

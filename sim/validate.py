@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from pensieve.config import Scenario, load_scenario
-from pensieve.core import build_cost_model
+from pensieve.core import build_cost_model, rng_for
 from pensieve.cost import ScaledCostModel
 from pensieve.plan import PrefillItem, StepPlan
 from pensieve.results import format_table
 from pensieve.workload import build_workload, scale_think_times
 
-from .driver import rng_for, simulate
+from .driver import simulate
 
 # (label, path into summary.json, how it is compared)
 METRICS = [

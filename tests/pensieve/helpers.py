@@ -2,20 +2,79 @@
 from __future__ import annotations
 
 from pensieve.backends import BookkeepingBackend
-from pensieve.cache import KVCacheManager
+from pensieve.config import SchedulerConfig
+from pensieve.core import build_core
 from pensieve.cost import LinearCostModel
-from pensieve.policies import make_policy
 from pensieve.request import Request
-from pensieve.scheduler import Scheduler
 
 
 def make_core(policy: str, device: int, host: int, chunk_tokens: int = 4, reserve: float = 0.0,
               threshold: float = 0.0, max_batch_tokens: int = 256, max_batch_requests: int = 16,
-              cost: LinearCostModel | None = None, max_context: int = 4096) -> Scheduler:
-    """A scheduler over a tiny cache; eviction batch 1 so every eviction is scored exactly."""
-    cache = KVCacheManager(device, host, chunk_tokens, make_policy(policy, cost or LinearCostModel(1.0, 1.0)),
-                           max_context=max_context, eviction_batch=0.0)
-    return Scheduler(cache, max_batch_tokens, max_batch_requests, reserve, threshold, max_context)
+              cost: LinearCostModel | None = None, max_context: int = 4096, victim_index=None):
+    """A core over a tiny cache, from the factory every driver uses; ahead-of-time swap-out copies
+    one chunk past its shortfall."""
+    scheduler = SchedulerConfig(max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
+                                decode_reserve=reserve, swap_out_threshold=threshold, swap_out_batch=0.0)
+    return build_core(policy=policy, cost_model=cost or LinearCostModel(1.0, 1.0), device_slots=device,
+                      host_slots=host, chunk_tokens=chunk_tokens, max_context=max_context, scheduler=scheduler,
+                      victim_index=victim_index)
+
+
+# A user policy by import path: any score that keeps the contract, served by the exact scan.
+USER_POLICY = "tests.pensieve.user_policy:NewestFirst"
+
+
+class VictimCheck:
+    """Counts the victim answers checked against brute force."""
+
+    def __init__(self) -> None:
+        self.answers = 0
+        self.victims = 0
+
+
+def brute_force_victims(cache, region, now: float, count: int) -> list[tuple]:
+    """The next `count` victims of a region at `now` by definition: every idle conversation's every
+    chunk in the region, sorted by (score, release number, eviction position); as runs (id, chunks)."""
+    policy, order = cache.policy, cache.order
+    first, end = region.first, region.end
+    if cache.whole_conversation:  # a victim is a conversation, ranked by its head
+        heads = sorted((policy.score(order.index(c.chunks, first(c)), now - c.last_active), c.released, c.id,
+                        end(c) - first(c)) for c in cache.conversations.values()
+                       if not c.active and first(c) < end(c))
+        runs = []
+        for _, _, cid, chunks in heads:
+            if count <= 0:
+                break
+            runs.append((cid, chunks))
+            count -= chunks
+        return runs
+    chunks = sorted((policy.score(order.index(c.chunks, p), now - c.last_active), c.released, p, c.id)
+                    for c in cache.conversations.values() if not c.active for p in range(first(c), end(c)))
+    runs: list[list] = []
+    for _, _, _, cid in chunks[:count]:
+        if runs and runs[-1][0] == cid:
+            runs[-1][1] += 1
+        else:
+            runs.append([cid, 1])
+    return [tuple(run) for run in runs]
+
+
+def check_every_victim(cache) -> VictimCheck:
+    """Make every answer of the cache's three victim indexes be checked against `brute_force_victims`."""
+    check = VictimCheck()
+    for index in (cache.device_victims, cache.clean_victims, cache.host_victims):
+        take = index.take
+
+        def checked_take(now, count, take=take, region=index.region):
+            runs = take(now, count)
+            want = brute_force_victims(cache, region, now, count)
+            assert [(conv.id, chunks) for conv, chunks in runs] == want, (region, now, count, runs, want)
+            check.answers += 1
+            check.victims += sum(chunks for _, chunks in runs)
+            return runs
+
+        index.take = checked_take
+    return check
 
 
 class Driver:

@@ -62,7 +62,7 @@ def test_ahead_of_time_swap_out_keeps_device_copies():
     # 3 free of 8 < 50%: one batch past the threshold is copied out, leading chunks of A first
     cache = d.sched.cache
     a = cache.conversations["A"]
-    assert len(plan.swap_out) == 2 and (a.d, a.h, a.b) == (0, 0, 2)
+    assert len(plan.swap_out) == 2 and (a.drop_end, a.host_end, a.copy_end) == (0, 0, 2)
     assert all(slot >= 0 for slot in a.dev)  # still on the device: reclaimed only when needed
     assert cache.clean_count == 2
     r = d.add("A", 1, 3.0, 1, 1)

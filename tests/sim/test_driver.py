@@ -5,7 +5,8 @@ import pytest
 
 from pensieve.config import parse_scenario
 from pensieve.workload import Conversation, Turn, Workload, build_workload
-from sim.driver import rng_for, simulate
+from pensieve.core import rng_for
+from sim.driver import simulate
 
 from .helpers import AffineCost
 
