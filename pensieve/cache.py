@@ -139,7 +139,7 @@ class KVCacheManager:
         if copy_end > host_end:
             self.host.free += order.take(host, host_end, copy_end - host_end)
             self.clean_count -= copy_end - host_end
-        # Every slot at once, in the order one-by-one requests would get them: taking them changes
+        # Every slot at once, from the same chunks one-by-one requests would evict: taking them changes
         # nothing that this conversation's own moves below depend on.
         needed = host_end + -(-conv.tokens // ct) - n
         slots = self._obtain_device_slots(needed, now)
@@ -163,15 +163,21 @@ class KVCacheManager:
 
     def grow(self, conv: Conversation, now: float) -> bool:
         """Make room for the KV of position `kv_tokens` (a decode); False when nothing can be evicted."""
-        if conv.kv_tokens < conv.chunks * self.chunk_tokens:
-            return True
-        slots = self._obtain_device_slots(1, now)
-        if not slots:
-            return False
-        conv.dev.append(slots[0])
-        conv.host.append(-1)
-        self.active_slots += 1
-        return True
+        return self.grow_all([conv], now) == 1
+
+    def grow_all(self, convs: list[Conversation], now: float) -> int:
+        """`grow` each of `convs` in turn until one fails; how many succeeded. The slots are taken
+        in one go, from exactly the chunks one `grow` after another would evict."""
+        ct = self.chunk_tokens
+        needing = [conv for conv in convs if conv.kv_tokens >= conv.chunks * ct]
+        slots = self._obtain_device_slots(len(needing), now) if needing else []
+        for conv, slot in zip(needing, slots):
+            conv.dev.append(slot)
+            conv.host.append(-1)
+        self.active_slots += len(slots)
+        if len(slots) == len(needing):
+            return len(convs)
+        return convs.index(needing[len(slots)])  # the first that got no slot
 
     def release(self, conv: Conversation, now: float) -> None:
         """A request finished or was suspended: its conversation's chunks become evictable."""
@@ -223,12 +229,12 @@ class KVCacheManager:
                 want -= moved
             return
         victims = self.device_victims.take(now, want)
-        room = self._host_room(sum(count for _, count in victims), now, exclude=None)
+        found = sum(count for _, count in victims)
+        room = self._host_room(found, now, exclude=None)
+        if room < found:  # the first `room` victims, by retention order
+            victims = self.device_victims.take(now, room)
         moved = 0
         for conv, count in victims:
-            count = min(count, room - moved)
-            if count <= 0:
-                break
             self._copy_to_host(conv, count)
             moved += count
         self.clean_count += moved
@@ -248,7 +254,8 @@ class KVCacheManager:
     def _obtain_device_slots(self, count: int, now: float) -> list[int]:
         """`count` device slots (fewer only if the tier runs out): free ones first, then the slots
         of clean chunks (their host copy stays), then by evicting device-only chunks, each source
-        in its victims' retention order, exactly as `count` requests of one slot would get them."""
+        in its victims' retention order: exactly the chunks `count` requests of one slot would free
+        (the slots come grouped by conversation, in the order of each one's first victim)."""
         free = self.device.free
         slots: list[int] = []
         while len(slots) < count:
@@ -269,11 +276,13 @@ class KVCacheManager:
         order = self.order
         for conv, count in self.clean_victims.take(now, most):
             count = min(count, most - taken)  # a whole-conversation policy's run may be longer
-            slots += order.take(conv.dev, conv.host_end, count)
-            conv.host_end += count
+            host_end = conv.host_end
+            slots += order.take(conv.dev, host_end, count)
+            conv.host_end = host_end + count
             taken += count
             self.clean_victims.update(conv)
-            self.host_victims.update(conv)
+            if conv.drop_end == host_end:  # it had no host-only chunks: now it has
+                self.host_victims.update(conv)
         self.clean_count -= taken
         self.stats.reclaimed_chunks += taken
 
@@ -338,7 +347,8 @@ class KVCacheManager:
         order.put(conv.host, copy_end, slots)
         conv.copy_end = copy_end + count
         self.device_victims.update(conv)
-        self.clean_victims.update(conv)
+        if conv.host_end == copy_end:  # it had no clean chunks: now it has
+            self.clean_victims.update(conv)
 
     def _host_room(self, count: int, now: float, exclude: Conversation | None) -> int:
         """Free up to `count` host slots by dropping host-only chunks in retention order; how many are free.

@@ -120,9 +120,14 @@ class Scheduler:
         if due:
             if len(due) > 1:
                 due.sort(key=_arrival_key)
-            for r in due:
+            due = [r for r in due if r.grow_at == ticks]  # others are stale: finished, suspended, re-planned
+            # All their slots in one go while there is room: the same slots one grow after another gets.
+            grown = cache.grow_all([r.conversation for r in due], now)
+            for r in due[:grown]:
+                self._plan_grow(r, r.conversation, ticks)
+            for r in due[grown:]:
                 if r.grow_at != ticks:
-                    continue  # stale: it finished, was suspended or was re-planned since
+                    continue  # suspended to make room for an earlier one
                 conv = r.conversation
                 while not cache.grow(conv, now):
                     victim = running.pop()  # the latest arrival gives way
@@ -302,11 +307,11 @@ class Scheduler:
             cache = self.cache
             if len(due) > 1:
                 due.sort(key=_arrival_key)  # slots are taken in running order, as schedule takes them
+            due = [r for r in due if r.grow_at == ticks]
+            grown = cache.grow_all([r.conversation for r in due], now)
+            assert grown == len(due), "plain_steps checked the room"
             for r in due:
-                if r.grow_at == ticks:
-                    grown = cache.grow(r.conversation, now)
-                    assert grown, "plain_steps checked the room"
-                    self._plan_grow(r, r.conversation, ticks)
+                self._plan_grow(r, r.conversation, ticks)
         self.steps += count
         self.clock.ticks = ticks + count
 

@@ -74,9 +74,11 @@ class VictimIndex:
 
     def take(self, now: float, count: int) -> list[list]:
         """The next `count` victims at `now` (fewer if the region runs out; a whole-conversation
-        policy's last run may overshoot), as runs `[conversation, chunks]` in the order the
-        victims come, a run being a conversation's consecutive victims from its head on.
-        Changes nothing."""
+        policy's last run may overshoot), as one run `[conversation, chunks]` per conversation,
+        its victims from its head on, the runs in the order of their first victims. Changes nothing.
+
+        A conversation's victims are always a run from its head (its chunks score in eviction
+        order), so the caller can move each run in one go and file the conversation once."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -101,15 +103,16 @@ class VictimIndex:
         score, index, end = self.policy.score, self.order.index, self.region.end
         whole = self.whole
         heapq.heapify(heads)
-        runs: list[list] = []
+        runs: dict[int, list] = {}  # release number -> [conversation, victims so far]
         while count > 0 and heads:
             _, released, position, conv, source = heads[0]
-            if runs and runs[-1][0] is conv:
-                runs[-1][1] += 1
+            run = runs.get(released)
+            if run is not None:
+                run[1] += 1
                 count -= 1
             else:
                 taken = end(conv) - position if whole else 1
-                runs.append([conv, taken])
+                runs[released] = [conv, taken]
                 count -= taken
             following = position + 1
             if not whole and following < end(conv):
@@ -122,7 +125,7 @@ class VictimIndex:
                 head = more(source, now)
                 if head is not None:
                     heapq.heappush(heads, head)
-        return runs
+        return list(runs.values())
 
 
 class RecencyIndex(VictimIndex):

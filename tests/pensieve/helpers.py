@@ -34,7 +34,8 @@ class VictimCheck:
 
 def brute_force_victims(cache, region, now: float, count: int) -> list[tuple]:
     """The next `count` victims of a region at `now` by definition: every idle conversation's every
-    chunk in the region, sorted by (score, release number, eviction position); as runs (id, chunks)."""
+    chunk in the region, sorted by (score, release number, eviction position); as one run (id, chunks)
+    per conversation, in the order of its first victim."""
     policy, order = cache.policy, cache.order
     first, end = region.first, region.end
     if cache.whole_conversation:  # a victim is a conversation, ranked by its head
@@ -50,13 +51,10 @@ def brute_force_victims(cache, region, now: float, count: int) -> list[tuple]:
         return runs
     chunks = sorted((policy.score(order.index(c.chunks, p), now - c.last_active), c.released, p, c.id)
                     for c in cache.conversations.values() if not c.active for p in range(first(c), end(c)))
-    runs: list[list] = []
+    runs: dict = {}  # one run per conversation, in the order of its first victim
     for _, _, _, cid in chunks[:count]:
-        if runs and runs[-1][0] == cid:
-            runs[-1][1] += 1
-        else:
-            runs.append([cid, 1])
-    return [tuple(run) for run in runs]
+        runs[cid] = runs.get(cid, 0) + 1
+    return list(runs.items())
 
 
 def check_every_victim(cache) -> VictimCheck:
