@@ -278,8 +278,9 @@ def smollm2_workload(tokenizer) -> Workload:
 def test_smollm2_gguf_multi_turn_equals_stateless_and_generate(no_network) -> None:
     loaded = smollm2()
     workload = smollm2_workload(loaded.tokenizer)
-    # 7 device slots of 32 tokens for three ~110-token chats, 2 host slots: swaps, drops, leading recomputes.
-    served = serve(Engine(loaded, EngineConfig(policy="pensieve", device_slots=7, host_slots=2)), workload)
+    # 8 device slots of 32 tokens for three ~110-token chats, 2 host slots: swaps, drops, leading recomputes
+    # (with exact retention order, 7 slots no longer give a recompute span split from its prompt beside decodes).
+    served = serve(Engine(loaded, EngineConfig(policy="pensieve", device_slots=8, host_slots=2)), workload)
     assert served.events() >= EXPECTED_EVENTS["pensieve"]
     stateless = serve(Engine(loaded, EngineConfig(policy="stateless", device_slots=16, host_slots=0)), workload)
     assert served.ids == stateless.ids == generate_reference(loaded.model, workload)
