@@ -54,3 +54,37 @@ def test_ctrl_c_during_run_writes_the_turns_that_finished(tmp_path: Path, monkey
     assert summary["interrupted"] and 0 < summary["requests"] < 12
     assert summary["unfinished"] == 12 - summary["requests"]
     assert len(outputs(out)) == summary["requests"]
+
+
+def test_the_core_a_real_run_builds_is_the_simulators(tmp_path: Path) -> None:
+    """Every scenario setting that changes eviction or scheduling reaches the engine's core: the
+    policy with its params, the cost table, the tiers and every scheduler setting."""
+    from executor.engine import core_for, kv_bytes_per_token
+    from executor.realtime import engine_config
+    from pensieve.config import load_scenario
+    from pensieve.core import build_cost_model, build_scheduler, core_settings
+    from pensieve.tiers import slots_for
+
+    data = yaml.safe_load(scenario_file(tmp_path).read_text())
+    data["cache"]["policy"] = {"type": "tests.pensieve.user_policy:AgedCost", "params": {"power": 0.5}}
+    data["scheduler"] = {"max_batch_tokens": 100, "max_batch_requests": 3, "decode_reserve": 0.2,
+                         "swap_out_threshold": 0.4, "swap_out_batch": 0.05}
+    data["cost_model"] = {"a": 3e-6, "c": 2e-3}
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump(data))
+    scenario = load_scenario(path)
+    dims = {**preset_dims("tiny-llama"), "dtype": "float32"}
+    cost = build_cost_model(scenario)
+
+    def engine_core(policy=None):
+        config = engine_config(scenario, policy)
+        per_chunk = kv_bytes_per_token(dims) * config.chunk_tokens
+        return core_for(config, slots_for(config.device_cache_gb, per_chunk), slots_for(config.host_cache_gb, per_chunk),
+                        dims["max_context"], cost, per_chunk)
+
+    simulated = core_settings(build_scheduler(scenario, cost))
+    assert simulated["policy_attributes"] == {"power": 0.5}
+    assert simulated["swap_out_batch"] == 64 and simulated["decode_reserve"] == 0.2
+    assert core_settings(engine_core()) == simulated
+    # a --policy override leaves the scenario policy's params behind, in both
+    assert core_settings(engine_core("lru")) == core_settings(build_scheduler(scenario, cost, policy="lru"))

@@ -46,6 +46,7 @@ def test_pensieve_gpu_gets_no_host_tier(tmp_path):
         ({"model": "gpt-9"}, "model", "known presets"),
         ({"scheduler": {"decode_reserve": 1.5}}, "scheduler.decode_reserve", "less than 1"),
         ({"sceduler": {}}, "sceduler", "unknown key; allowed here: name, seed, model"),
+        ({"cache": {"device_gb": 1, "eviction_batch": 0.01}}, "cache", "eviction_batch is gone"),
     ],
 )
 def test_bad_scenarios_name_file_key_and_what_is_allowed(tmp_path, patch, key, message):
@@ -54,6 +55,16 @@ def test_bad_scenarios_name_file_key_and_what_is_allowed(tmp_path, patch, key, m
         load_scenario(path)
     text = str(info.value)
     assert text.startswith(str(path)) and info.value.key == key and message in text, text
+
+
+def test_policy_params_reach_the_policy_or_are_refused_by_name(tmp_path):
+    policy = {"type": "tests.pensieve.user_policy:AgedCost", "params": {"power": 2.0}}
+    scenario = load_scenario(write(tmp_path, {**GOOD, "cache": {"device_gb": 1, "policy": policy}}))
+    assert build_scheduler(scenario).cache.policy.power == 2.0
+    policy["params"] = {"pwr": 2.0}
+    scenario = load_scenario(write(tmp_path, {**GOOD, "cache": {"device_gb": 1, "policy": policy}}))
+    with pytest.raises(ValueError, match="cache.policy.params: AgedCost does not accept them"):
+        build_scheduler(scenario)
 
 
 def test_unreadable_and_malformed_files(tmp_path):
