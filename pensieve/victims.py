@@ -230,23 +230,54 @@ class RetentionIndex(VictimIndex):
             del group[bisect.bisect_left(group, released)]
 
     def take(self, now: float, count: int) -> list[list]:
+        """`_merge` specialised for groups: a heap of group heads, where popping a conversation's head
+        brings in its next chunk and, for a group head, the group's next member. (Inline, since
+        this is the hot path of eviction: a heap entry is (score, release number, conversation,
+        idle time, position, group key, place in the group or -1 for a continuation); the release
+        number is unique among entries, so comparisons never reach the conversation.)"""
         if count <= 0 or not self._groups:
             return []
-        score, convs, first = self.policy.score, self._convs, self.region.first
+        score, convs, groups = self.policy.score, self._convs, self._groups
+        first, end = self.region.first, self.region.end
+        trailing, whole = self.order.trailing, self.whole
         heads = []
-        for key, group in self._groups.items():
-            conv = convs[group[0]]
-            heads.append((score(key, now - conv.last_active), group[0], first(conv), conv, (key, 0)))
-        return self._merge(heads, now, count, self._next_in_group)
-
-    def _next_in_group(self, source: tuple[int, int], now: float) -> tuple | None:
-        key, i = source
-        group = self._groups[key]
-        if i + 1 >= len(group):
-            return None
-        released = group[i + 1]
-        conv = self._convs[released]
-        return (self.policy.score(key, now - conv.last_active), released, self.region.first(conv), conv, (key, i + 1))
+        for key, group in groups.items():
+            released = group[0]
+            conv = convs[released]
+            idle = now - conv.last_active
+            heads.append((score(key, idle), released, conv, idle, first(conv), key, 0))
+        heapq.heapify(heads)
+        heappush, heapreplace, heappop = heapq.heappush, heapq.heapreplace, heapq.heappop
+        runs: dict[int, list] = {}  # release number -> [conversation, victims so far]
+        while count > 0 and heads:
+            _, released, conv, idle, position, key, place = heads[0]
+            run = runs.get(released)
+            if run is not None:
+                run[1] += 1
+                count -= 1
+            elif whole:
+                taken = end(conv) - position
+                runs[released] = [conv, taken]
+                count -= taken
+            else:
+                runs[released] = [conv, 1]
+                count -= 1
+            following = position + 1
+            n = len(conv.dev)
+            if not whole and following < end(conv):
+                heapreplace(heads, (score(n - 1 - following if trailing else following, idle), released, conv, idle,
+                                    following, key, -1))
+            else:
+                heappop(heads)
+            if place >= 0:
+                group = groups[key]
+                place += 1
+                if place < len(group):
+                    released = group[place]
+                    conv = convs[released]
+                    idle = now - conv.last_active
+                    heappush(heads, (score(key, idle), released, conv, idle, first(conv), key, place))
+        return list(runs.values())
 
     def __len__(self) -> int:
         return len(self._convs)
