@@ -39,11 +39,7 @@ class EngineConfig:
     device_slots: int | None = None  # tests size tiers in chunks, which GB cannot state exactly
     host_slots: int | None = None
     chunk_tokens: int = 32
-    max_batch_tokens: int = 2048
-    max_batch_requests: int = 256
-    decode_reserve: float = 0.10
-    swap_out_threshold: float = 0.25
-    swap_out_batch: float = 0.01
+    scheduler: SchedulerConfig = SchedulerConfig()  # batch budgets, decode reserve, ahead-of-time swap-out
     policy_params: dict = field(default_factory=dict)  # the policy's constructor arguments (cache.policy.params)
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -58,12 +54,9 @@ def kv_bytes_per_token(dims: dict) -> int:
 def core_for(config: EngineConfig, device_slots: int, host_slots: int, max_context: int,
              cost_model: CostModel | None, bytes_per_chunk: int):
     """The core an engine serves with, built by the same factory as the simulator's."""
-    scheduler = SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_batch_requests=config.max_batch_requests,
-                                decode_reserve=config.decode_reserve, swap_out_threshold=config.swap_out_threshold,
-                                swap_out_batch=config.swap_out_batch)
     return build_core(policy=config.policy, policy_params=config.policy_params,
                       cost_model=cost_model or LinearCostModel(), device_slots=device_slots, host_slots=host_slots,
-                      chunk_tokens=config.chunk_tokens, max_context=max_context, scheduler=scheduler,
+                      chunk_tokens=config.chunk_tokens, max_context=max_context, scheduler=config.scheduler,
                       bytes_per_chunk=bytes_per_chunk)
 
 

@@ -48,9 +48,7 @@ def engine_config(scenario: Scenario, policy: str | None = None) -> EngineConfig
     s, c = scenario.scheduler, scenario.cache
     return EngineConfig(
         policy=policy or c.policy.type, policy_params=policy_params(scenario, policy), device_cache_gb=c.device_gb,
-        host_cache_gb=c.host_gb, chunk_tokens=c.chunk_tokens, max_batch_tokens=s.max_batch_tokens,
-        max_batch_requests=s.max_batch_requests, decode_reserve=s.decode_reserve,
-        swap_out_threshold=s.swap_out_threshold, swap_out_batch=s.swap_out_batch, seed=scenario.seed,
+        host_cache_gb=c.host_gb, chunk_tokens=c.chunk_tokens, scheduler=scenario.scheduler, seed=scenario.seed,
     )
 
 

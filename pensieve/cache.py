@@ -22,8 +22,10 @@ from .request import Conversation
 from .tiers import SlotPool
 from .victims import CLEAN, DEVICE_ONLY, HOST_ONLY, VictimIndex, index_for
 
-# The least ahead-of-time swap-out copies past its shortfall: a small device tier would otherwise
-# run a swap-out pass at nearly every step.
+# Ahead-of-time swap-out copies a fraction of the device tier past its shortfall (the scenario's
+# scheduler.swap_out_batch, default below), and at least MIN_SWAP_OUT_BATCH chunks: a small device
+# tier would otherwise run a swap-out pass at nearly every step.
+SWAP_OUT_BATCH = 0.01
 MIN_SWAP_OUT_BATCH = 64
 
 
@@ -56,7 +58,7 @@ class KVCacheManager:
     """
 
     def __init__(self, device_slots: int, host_slots: int, chunk_tokens: int, policy: EvictionPolicy,
-                 max_context: int, bytes_per_chunk: int = 0, swap_out_batch: float = 0.01,
+                 max_context: int, bytes_per_chunk: int = 0, swap_out_batch: float = SWAP_OUT_BATCH,
                  victim_index: type[VictimIndex] | None = None) -> None:
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .cache import SWAP_OUT_BATCH
 from .models import ARCHITECTURES, DEFAULT_MODEL, DTYPE_BYTES, PRESETS, ModelSpec
 from .policies import policy_class
 
@@ -91,7 +92,7 @@ class SchedulerConfig(_Strict):
     decode_reserve: float = Field(default=0.10, ge=0, lt=1)
     swap_out_threshold: float = Field(default=0.25, ge=0, lt=1)
     swap_out_batch: float = Field(
-        default=0.01, ge=0, lt=1,
+        default=SWAP_OUT_BATCH, ge=0, lt=1,
         description="ahead-of-time swap-out copies this fraction of the device tier (at least 64 chunks) past "
                     "its shortfall, so that it runs every few steps; 0: one chunk past it")
 

@@ -32,8 +32,9 @@ class Scheduler:
     """Owns the waiting queue, the running batch and its budgets; the core's loop is
     `plan = schedule(now)`, a backend executes it, `complete(plan, result, now)`."""
 
-    def __init__(self, cache: KVCacheManager, max_batch_tokens: int = 2048, max_batch_requests: int = 256,
-                 decode_reserve: float = 0.10, swap_out_threshold: float = 0.25, max_context: int = 16384) -> None:
+    def __init__(self, cache: KVCacheManager, max_batch_tokens: int, max_batch_requests: int,
+                 decode_reserve: float, swap_out_threshold: float, max_context: int) -> None:
+        """Built by `pensieve.core.build_core`; the settings' defaults and meaning are in `SchedulerConfig`."""
         if max_batch_tokens < 1 or max_batch_requests < 1:
             raise ValueError("max_batch_tokens and max_batch_requests must be >= 1")
         if not (0 <= decode_reserve < 1 and 0 <= swap_out_threshold < 1):

@@ -14,6 +14,7 @@ from executor.conversations import CONVERSATIONS
 from executor.engine import Engine, EngineConfig
 from executor.models import LoadedModel, load_model
 from executor.tokenizer import chat_prompt_ids
+from pensieve.config import SchedulerConfig
 from pensieve.cost import LinearCostModel
 from pensieve.plan import StepPlan
 from pensieve.policies import REGISTRY
@@ -111,9 +112,10 @@ TINY_WORKLOAD = Workload(
 )
 
 
-def tiny_engine(loaded: LoadedModel, policy: str, device_slots: int, host_slots: int, **kwargs) -> Engine:
+def tiny_engine(loaded: LoadedModel, policy: str, device_slots: int, host_slots: int, scheduler: dict | None = None,
+                **kwargs) -> Engine:
     return Engine(loaded, EngineConfig(policy=policy, device_slots=device_slots, host_slots=host_slots,
-                                       chunk_tokens=CHUNK, **kwargs))
+                                       chunk_tokens=CHUNK, scheduler=SchedulerConfig(**(scheduler or {})), **kwargs))
 
 
 _TINY_REFERENCES: dict[str, dict[int, list[int]]] = {}
@@ -171,7 +173,7 @@ def test_decodes_out_of_device_slots_suspend_and_resume(policy: str,
     # token (and of any chunk dropped meanwhile).
     workload = Workload(random_prompts([[12, 4], [12, 5], [12, 3]], seed=3), new_tokens=20, starts=[0, 0, 0])
     loaded = tiny_model("tiny-llama")
-    served = serve(tiny_engine(loaded, policy, 9, 4, decode_reserve=0.0), workload)
+    served = serve(tiny_engine(loaded, policy, 9, 4, scheduler={"decode_reserve": 0.0}), workload)
     assert served.engine.scheduler.suspensions > 0
     ran: set[int] = set()
     resumed = set()  # requests that ran, were suspended, and came back as a prefill of their pending token(s)
