@@ -13,6 +13,7 @@ import heapq
 from collections import deque
 
 from .cache import KVCacheManager
+from .plain_steps import PlainSteps
 from .plan import PrefillItem, StepPlan, StepResult
 from .request import STILL, Request, StepClock
 
@@ -21,14 +22,7 @@ def _arrival_key(request: Request) -> tuple[float, int]:
     return (request.arrival, request.id)
 
 
-def _next_key(keys: list[int], lowest: int) -> float:
-    """The smallest key >= `lowest` of a heap whose smaller keys are no longer needed (dropped here)."""
-    while keys and keys[0] < lowest:
-        heapq.heappop(keys)
-    return keys[0] if keys else float("inf")
-
-
-class Scheduler:
+class Scheduler(PlainSteps):
     """Owns the waiting queue, the running batch and its budgets; the core's loop is
     `plan = schedule(now)`, a backend executes it, `complete(plan, result, now)`."""
 
@@ -107,38 +101,26 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the loop
     def schedule(self, now: float) -> StepPlan:
+        """Plan the next step at `now`: one unified batch of decodes and prefills, and its copies.
+
+        1. Running requests whose next token starts a new chunk get a device slot; when none can
+           be had, the latest-arrived running request is suspended until one can (§4.3.5).
+        2. Waiting turns are admitted first-come first-served while the batch's token and
+           request budgets last and the device tier keeps its decode reserve; admitting a turn
+           restores its conversation's chunks (swap-ins, recomputation of dropped ones).
+        3. Chunks are copied to the host ahead of time when the device tier runs low.
+
+        The plan must be passed to `complete` (with the backend's result) before the next call,
+        unless it has no tokens to run.
+        """
         cache = self.cache
         if self._planned is not None:
             raise RuntimeError(f"step {self._planned} was planned but not completed; call complete() first")
         cache.begin_step()
         running, ids = self.running, self._running_ids
         suspended: list[int] = []
-        # Every running request decodes one token at position kv_tokens. Only those whose next
-        # token starts a new chunk need anything: a slot (`grow`), or, when none can be found,
-        # suspending the latest-arrived request until one is (§4.3.5). They go in running order.
         ticks = self.clock.ticks
-        due = self._grow_due.pop(ticks, None)
-        if due:
-            if len(due) > 1:
-                due.sort(key=_arrival_key)
-            due = [r for r in due if r.grow_at == ticks]  # others are stale: finished, suspended, re-planned
-            # All their slots in one go while there is room: the same slots one grow after another gets.
-            grown = cache.grow_all([r.conversation for r in due], now)
-            for r in due[:grown]:
-                self._plan_grow(r, r.conversation, ticks)
-            for r in due[grown:]:
-                if r.grow_at != ticks:
-                    continue  # suspended to make room for an earlier one
-                conv = r.conversation
-                while not cache.grow(conv, now):
-                    victim = running.pop()  # the latest arrival gives way
-                    ids.pop()
-                    self._suspend(victim, now)
-                    suspended.append(victim.id)
-                    if victim is r:
-                        break
-                else:
-                    self._plan_grow(r, conv, ticks)
+        self._grow_decodes(ticks, now, suspended)
         decodes = ids.copy()
         # Each decode's context is its kv_tokens plus the token itself.
         context = self._kv_base + len(decodes) * (ticks + 1)
@@ -243,79 +225,6 @@ class Scheduler:
         self.cache.end_step()
         return finished
 
-    def completion_finishes(self, plan: StepPlan) -> bool:
-        """Whether completing the planned step (with no early stops) would finish some request."""
-        ticks = self.clock.ticks + 1
-        due = self._finish_due.get(ticks)
-        if due:
-            for r in due:
-                if r.finish_at == ticks:
-                    return True
-        if plan.prefills:
-            requests = self.requests
-            for item in plan.prefills:
-                r = requests[item.request_id]
-                if r.generated + 1 >= r.output_tokens:
-                    return True
-        return False
-
-    def plain_steps(self) -> tuple[int, int, int] | None:
-        """The plain decode steps just ahead, which a driver may carry out with `take_plain_steps`
-        instead of planning and completing each (the simulator does): (decodes per step, the first
-        step's summed decode context, how many steps), or None if the next step is not plain.
-
-        A plain step has only decodes, none of which ends its turn, and nothing waiting to be
-        admitted; the decodes that need a new chunk get a free slot or a clean one (its chunk is
-        already copied to the host), and after that the cache has nothing to swap out ahead of
-        time. Either the next step is such a step with new chunks (count 1), or a run of them
-        with nothing due at all. Each step's context is the previous one's plus the decodes.
-        """
-        self._plain_ahead = None
-        if self._planned is not None or self.waiting or not self.running:
-            return None
-        ticks = self.clock.ticks
-        finish = _next_key(self._finish_keys, ticks + 1)
-        if finish == ticks + 1:
-            return None  # a turn may end (or the entry is stale: the general path sorts it out)
-        cache = self.cache
-        due = self._grow_due.get(ticks)
-        if due:
-            grows = len(due)  # stale entries count too: this only errs towards None
-            if grows > len(cache.device.free) + cache.clean_count \
-                    or not cache.swap_out_idle(self.swap_out_threshold, after_taking=grows):
-                return None
-            count = 1
-        else:
-            if not cache.swap_out_idle(self.swap_out_threshold):
-                return None
-            count = min(_next_key(self._grow_keys, ticks + 1) - ticks, finish - ticks - 1)
-        self._plain_ahead = (ticks, count)
-        n = len(self.running)
-        return n, self._kv_base + n * (ticks + 1), count
-
-    def take_plain_steps(self, count: int, now: float) -> None:
-        """Carry out the first `count` of the steps `plain_steps` just described, the first starting
-        at `now`, exactly as schedule + complete would: their new chunks, their tokens. Nothing may
-        change in between (a turn added since makes the offer void)."""
-        ticks = self.clock.ticks
-        if self._plain_ahead is None or self._plain_ahead[0] != ticks or not 0 <= count <= self._plain_ahead[1] \
-                or self.waiting:
-            raise ValueError(f"take_plain_steps({count}): not within what plain_steps() last offered "
-                             f"({self._plain_ahead})")
-        self._plain_ahead = None
-        due = self._grow_due.pop(ticks, None) if count else None
-        if due:
-            cache = self.cache
-            if len(due) > 1:
-                due.sort(key=_arrival_key)  # slots are taken in running order, as schedule takes them
-            due = [r for r in due if r.grow_at == ticks]
-            grown = cache.grow_all([r.conversation for r in due], now)
-            assert grown == len(due), "plain_steps checked the room"
-            for r in due:
-                self._plan_grow(r, r.conversation, ticks)
-        self.steps += count
-        self.clock.ticks = ticks + count
-
     # ------------------------------------------------------------------ helpers
     def _start_decoding(self, r: Request, conv) -> None:
         """`r` decodes from the next step on: its counters follow the clock, its due steps are set."""
@@ -331,6 +240,42 @@ class Scheduler:
             heapq.heappush(self._finish_keys, r.finish_at)
         due.append(r)
         self._plan_grow(r, conv, ticks)
+
+    def _grow_decodes(self, ticks: int, now: float, suspended: list[int] | None) -> None:
+        """Give a device slot to every running request whose next token starts a new chunk at clock
+        reading `ticks`, in running order (`schedule` and `take_plain_steps` share this).
+
+        The slots are taken in one go while there is room. When a decode cannot get one, the
+        latest-arrived running request is suspended until it can (its chunks become evictable);
+        the suspended ids are appended to `suspended`. Plain steps pass None: they were offered
+        only with room for every due decode.
+        """
+        due = self._grow_due.pop(ticks, None)
+        if not due:
+            return
+        if len(due) > 1:
+            due.sort(key=_arrival_key)
+        due = [r for r in due if r.grow_at == ticks]  # others are stale: finished, suspended, re-planned
+        cache = self.cache
+        grown = cache.grow_all([r.conversation for r in due], now)
+        for r in due[:grown]:
+            self._plan_grow(r, r.conversation, ticks)
+        if grown == len(due):
+            return
+        assert suspended is not None, "plain_steps checked the room"
+        running, ids = self.running, self._running_ids
+        for r in due[grown:]:
+            if r.grow_at != ticks:
+                continue  # suspended to make room for an earlier one
+            while not cache.grow(r.conversation, now):
+                victim = running.pop()  # the latest arrival gives way
+                ids.pop()
+                self._suspend(victim, now)
+                suspended.append(victim.id)
+                if victim is r:
+                    break
+            else:
+                self._plan_grow(r, r.conversation, ticks)
 
     def _plan_grow(self, r: Request, conv, ticks: int) -> None:
         """Note the clock reading at which `r`'s next token starts a new chunk, if its turn lasts that long."""
