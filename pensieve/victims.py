@@ -201,15 +201,18 @@ class RetentionIndex(VictimIndex):
         first = region.first(conv)
         if conv.active or first >= region.end(conv):
             if filed is not None:
-                self._remove(conv, filed)
+                del self._convs[conv.released]
+                del self._filed[conv.id]
+                self._leave(conv.released, filed)
             return
-        key = self.order.index(len(conv.dev), first)
+        key = len(conv.dev) - 1 - first if self.order.trailing else first
         if filed == key:
             return
-        if filed is not None:
-            self._remove(conv, filed)
         released = conv.released
-        self._convs[released] = conv
+        if filed is None:
+            self._convs[released] = conv
+        else:  # its head moved on: from one group to another
+            self._leave(released, filed)
         self._filed[conv.id] = key
         group = self._groups.get(key)
         if group is None:
@@ -219,13 +222,12 @@ class RetentionIndex(VictimIndex):
         else:
             bisect.insort(group, released)
 
-    def _remove(self, conv: Conversation, key: int) -> None:
-        released = conv.released
-        del self._convs[released]
-        del self._filed[conv.id]
+    def _leave(self, released: int, key: int) -> None:
         group = self._groups[key]
         if len(group) == 1:
             del self._groups[key]
+        elif group[0] == released:
+            del group[0]  # the usual case: a victim is its group's head
         else:
             del group[bisect.bisect_left(group, released)]
 
