@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .layout import order_of
+from .layout import computed_tokens, order_of
 from .policies import EvictionPolicy
 from .request import Conversation
 from .tiers import SlotPool
@@ -72,7 +72,6 @@ class KVCacheManager:
         self.host = SlotPool("host", host_slots if policy.uses_host_tier else 0)
         self.bytes_per_chunk = bytes_per_chunk
         self.order = order_of(policy)
-        self.trailing = self.order.trailing
         self.whole_conversation = policy.unit == "conversation"
         self.conversations: dict[object, Conversation] = {}
         index = victim_index or index_for(policy)
@@ -157,8 +156,8 @@ class KVCacheManager:
         self.active_slots += n - host_end + needed
         conv.drop_end = conv.host_end = conv.copy_end = 0
         dropped = order.indices(n, 0, drop_end)
-        recomputed = _tokens_in(dropped, ct, kv)
-        cpu = _tokens_in(order.indices(n, drop_end, host_end), ct, kv)
+        recomputed = computed_tokens(dropped, ct, kv)
+        cpu = computed_tokens(order.indices(n, drop_end, host_end), ct, kv)
         self.stats.swap_in_chunks += host_end - drop_end
         spans = _merge_spans([(dropped.start * ct, recomputed), (kv, conv.tokens - kv)])
         return Restore(spans, kv - recomputed - cpu, cpu, recomputed, conv.tokens - kv, host_end - drop_end)
@@ -461,11 +460,6 @@ class KVCacheManager:
         limbo = set(self._host_limbo)
         assert len(host_seen) + len(self.host.free) + len(limbo) == self.host.capacity, "host tier over capacity"
         assert not host_seen & (set(self.host.free) | limbo)
-
-
-def _tokens_in(chunks: slice, chunk_tokens: int, kv_tokens: int) -> int:
-    """Computed tokens in a slice of a conversation's chunks: only its last chunk may be partial."""
-    return min(chunks.stop * chunk_tokens, kv_tokens) - min(chunks.start * chunk_tokens, kv_tokens)
 
 
 def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -85,6 +85,12 @@ class Trailing(EvictionOrder):
         slots[n - first - len(values):n - first] = values[::-1]
 
 
+def computed_tokens(chunks: slice, chunk_tokens: int, kv_tokens: int) -> int:
+    """Computed tokens in a slice of a conversation's chunks (of `kv_tokens` computed in all): only
+    its last chunk may be partial."""
+    return min(chunks.stop * chunk_tokens, kv_tokens) - min(chunks.start * chunk_tokens, kv_tokens)
+
+
 LEADING = Leading()
 TRAILING = Trailing()
 

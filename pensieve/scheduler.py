@@ -13,6 +13,7 @@ import heapq
 from collections import deque
 
 from .cache import KVCacheManager
+from .layout import computed_tokens
 from .plain_steps import PlainSteps
 from .plan import PrefillItem, StepPlan, StepResult
 from .request import STILL, Request, StepClock
@@ -309,15 +310,10 @@ class Scheduler(PlainSteps):
 
     def _query_tokens(self, conv) -> int:
         """Tokens admitting `conv` computes: its dropped chunks' tokens plus its pending tokens."""
-        ct = self.cache.chunk_tokens
-        dropped_chunks = conv.drop_end
-        dropped = dropped_chunks * ct
-        if dropped_chunks and not self.cache.trailing:
-            # the last chunk may be partial only if every chunk is dropped
-            dropped = min(dropped, conv.kv_tokens)
-        elif dropped_chunks:
-            dropped = conv.kv_tokens - (conv.chunks - dropped_chunks) * ct
-        return dropped + conv.tokens - conv.kv_tokens
+        cache = self.cache
+        kv = conv.kv_tokens
+        dropped = computed_tokens(cache.order.indices(conv.chunks, 0, conv.drop_end), cache.chunk_tokens, kv)
+        return dropped + conv.tokens - kv
 
     # ------------------------------------------------------------------ checks
     def check_invariants(self) -> None:

@@ -205,7 +205,7 @@ class RetentionIndex(VictimIndex):
                 del self._filed[conv.id]
                 self._leave(conv.released, filed)
             return
-        key = len(conv.dev) - 1 - first if self.order.trailing else first
+        key = self.order.index(len(conv.dev), first)
         if filed == key:
             return
         released = conv.released
@@ -241,7 +241,7 @@ class RetentionIndex(VictimIndex):
             return []
         score, convs, groups = self.policy.score, self._convs, self._groups
         first, end = self.region.first, self.region.end
-        trailing, whole = self.order.trailing, self.whole
+        index, whole = self.order.index, self.whole
         heads = []
         for key, group in groups.items():
             released = group[0]
@@ -267,7 +267,7 @@ class RetentionIndex(VictimIndex):
             following = position + 1
             n = len(conv.dev)
             if not whole and following < end(conv):
-                heapreplace(heads, (score(n - 1 - following if trailing else following, idle), released, conv, idle,
+                heapreplace(heads, (score(index(n, following), idle), released, conv, idle,
                                     following, key, -1))
             else:
                 heappop(heads)

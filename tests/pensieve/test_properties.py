@@ -68,7 +68,7 @@ def run_random_workload(d, conversations, gaps) -> list:
         # dropped chunks form a leading run (a trailing one for trailing-first policies)
         for conv in cache.conversations.values():
             dropped = [conv.dev[i] < 0 and conv.host[i] < 0 for i in range(conv.chunks)]
-            run = dropped[::-1] if cache.trailing else dropped
+            run = [dropped[cache.order.index(conv.chunks, p)] for p in range(conv.chunks)]  # in eviction order
             assert run == sorted(run, reverse=True)
         for r in finished:
             c = r.conversation_id
