@@ -20,7 +20,7 @@ from .layout import computed_tokens, order_of
 from .policies import EvictionPolicy
 from .request import Conversation
 from .tiers import SlotPool
-from .victims import CLEAN, DEVICE_ONLY, HOST_ONLY, VictimIndex, index_for
+from .victims import CLEAN, DEVICE_ONLY, HOST_ONLY, VictimIndex, check_index, index_for
 
 # Ahead-of-time swap-out copies a fraction of the device tier past its shortfall (the scenario's
 # scheduler.swap_out_batch, default below), and at least MIN_SWAP_OUT_BATCH chunks: a small device
@@ -75,6 +75,7 @@ class KVCacheManager:
         self.whole_conversation = policy.unit == "conversation"
         self.conversations: dict[object, Conversation] = {}
         index = victim_index or index_for(policy)
+        check_index(policy, index)
         self.device_victims = index(policy, self.order, DEVICE_ONLY)
         self.clean_victims = index(policy, self.order, CLEAN)
         self.host_victims = index(policy, self.order, HOST_ONLY)
@@ -340,6 +341,7 @@ class KVCacheManager:
     def _copy_to_host(self, conv: Conversation, count: int) -> None:
         """Record copies of the conversation's next `count` device-only chunks into free host slots;
         the device copies stay (clean) until their slots are reclaimed. The caller counts them."""
+        assert count > 0, count  # del free[-0:] would empty the free list
         free = self.host.free
         slots = free[:-count - 1:-1]  # what `count` pops would give, in their order
         del free[-count:]

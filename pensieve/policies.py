@@ -81,6 +81,13 @@ class EvictionPolicy:
                         f"policy {self.name!r} ({type(self).__name__}) breaks the eviction contract: at idle time {t} s "
                         f"chunk {b} scores {along[p + 1]!r}, below chunk {a}'s {along[p]!r}, which its {self.order} "
                         f"order evicts first; scores must be nondecreasing along the eviction order")
+        if self.unit == "conversation" and any(row[i] != row[0] for row in rows for i in range(max_chunks)):
+            # A whole-conversation policy ranks conversations by their head chunk but moves every
+            # chunk; with scores that differ along a conversation, taking part of one (a reclaim
+            # of a few slots) would not follow retention order.
+            raise PolicyContractError(
+                f"policy {self.name!r} moves whole conversations (unit = 'conversation'), so its score must not "
+                f"depend on the chunk, but it does; use unit = 'chunk' or a score of idle time alone")
         if self.victim_index not in ("recency", "retention", "scan"):
             raise PolicyContractError(f"policy {self.name!r}: victim_index must be recency, retention or scan, "
                                       f"got {self.victim_index!r}")

@@ -331,6 +331,21 @@ class ScanIndex(VictimIndex):
 INDEXES: dict[str, type[VictimIndex]] = {"recency": RecencyIndex, "retention": RetentionIndex, "scan": ScanIndex}
 
 
+# The score shapes each index is exact for: a recency score is also a retention one, and the scan
+# takes any policy that keeps the contract.
+SERVES = {RecencyIndex: {"recency"}, RetentionIndex: {"recency", "retention"}, ScanIndex: {"recency", "retention", "scan"}}
+
+
+def check_index(policy, index: type[VictimIndex]) -> None:
+    """Refuse an index (given to the cache in place of the policy's own) that is not exact for the
+    score shape the policy declares."""
+    from .policies import PolicyContractError
+
+    if policy.victim_index not in SERVES.get(index, set()):
+        raise PolicyContractError(f"{index.__name__} is not exact for policy {policy.name!r}, whose score shape is "
+                                  f"{policy.victim_index!r}; use {INDEXES[policy.victim_index].__name__} or ScanIndex")
+
+
 def index_for(policy) -> type[VictimIndex]:
     """The index a policy's score shape allows (its `victim_index`, checked at bind)."""
     return INDEXES[policy.victim_index]

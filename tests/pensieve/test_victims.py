@@ -139,3 +139,20 @@ def test_a_policy_that_misdeclares_its_index_is_refused():
 def test_every_registered_policy_keeps_the_contract():
     for name in REGISTRY:
         make_policy(name, LinearCostModel(2e-7, 1e-3)).bind(32, 512)  # raises if not
+
+
+def test_a_whole_conversation_policy_must_score_its_chunks_alike():
+    class WholePensieve(PensievePolicy):
+        name = "whole-pensieve"
+        unit = "conversation"
+
+    with pytest.raises(PolicyContractError, match="'whole-pensieve' moves whole conversations"):
+        KVCacheManager(8, 8, 4, WholePensieve(LinearCostModel(1.0, 1.0)), max_context=64)
+
+
+def test_an_index_that_is_not_exact_for_the_policy_is_refused():
+    with pytest.raises(PolicyContractError, match="RecencyIndex is not exact for policy 'pensieve'"):
+        make_core("pensieve", 8, 8, victim_index=RecencyIndex)
+    with pytest.raises(PolicyContractError, match="RetentionIndex is not exact"):
+        make_core(USER_POLICY, 8, 8, victim_index=RetentionIndex)
+    make_core("lru", 8, 8, victim_index=RetentionIndex)  # a recency score is a retention score too
