@@ -6,6 +6,8 @@ import sys
 from importlib import import_module
 
 from .config import ScenarioError
+from .outputs import OutputError
+from .signals import exit_status_for_interrupt, interrupts_kept
 from .workload import WorkloadError
 from .policies import REGISTRY
 
@@ -29,6 +31,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
 
 
+def _add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace the results already in --out (only the files this tool writes there)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pensieve",
@@ -41,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>)")
     p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_force(p)
     p.set_defaults(handler="sim.commands:simulate_command")
 
     p = sub.add_parser("sweep", help="simulate every point of a scenario's sweep: axes in parallel")
@@ -52,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also find each policy's throughput at the latency target (bisection over arrival rates)")
     p.add_argument("--target", type=float, default=None, help="normalized latency target in ms/token")
     p.add_argument("--metric", default="mean", choices=["mean", "p90"], help="latency statistic for --search")
+    _add_force(p)
     p.set_defaults(handler="sim.commands:sweep_command")
 
     p = sub.add_parser("workload", help="write a scenario's workload (synthetic, ShareGPT or trace) as a JSONL trace")
     p.add_argument("scenario", help="scenario YAML")
     p.add_argument("--out", required=True, help="JSONL trace to write")
+    p.add_argument("--force", action="store_true", help="replace the trace if it exists")
     p.set_defaults(handler="sim.commands:workload_command")
 
     p = sub.add_parser("bench-core", help="time the core's schedule+complete step under cache pressure")
@@ -76,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>-real)")
     p.add_argument("--device", default=None, help="override the scenario's run.device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_force(p)
     p.set_defaults(handler="executor.realtime:run_command")
 
     p = sub.add_parser("validate", help="run a scenario for real and in simulation; report how far apart they are")
@@ -88,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-speed-probe", action="store_true",
                    help="skip timing grid-point steps before and after the real run (the machine-speed "
                         "comparison; ~10 s on a CPU)")
+    _add_force(p)
     p.set_defaults(handler="sim.validate:validate_command")
 
     p = sub.add_parser("profile", help="measure a device's cost model (attention per chunk, batch compute, copies)")
@@ -130,13 +142,19 @@ def main(argv: list[str] | None = None) -> int:
               "install with: pip install 'pensieve-sim[executor]'", file=sys.stderr)
         return 2
     try:
-        return int(handler(args) or 0)
-    except (ScenarioError, WorkloadError, ValueError, FileNotFoundError) as exc:
+        with interrupts_kept():
+            status = int(handler(args) or 0)
+    except (ScenarioError, WorkloadError, OutputError, ValueError, FileNotFoundError) as exc:
         print(f"pensieve {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a disk that filled up or went read-only while writing
+        print(f"pensieve {args.verb}: error: {exc.filename or 'writing'}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pensieve {args.verb}: interrupted", file=sys.stderr)
-        return 130
+        return exit_status_for_interrupt()
+    # A command that kept its finished work after Ctrl-C or SIGTERM says so with 130; SIGTERM's is 143.
+    return exit_status_for_interrupt() if status == 130 else status
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 from collections import defaultdict
 from pathlib import Path
+
+from .outputs import atomic_path
+from .signals import ignore_interrupts
 
 
 def _pyplot():
@@ -99,7 +101,8 @@ def plot_sweep(folder: str | Path, rows: list[dict], target_ms: float | None = N
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -155,7 +158,7 @@ class PlotWorker:
 
 def _plot_jobs(conn) -> None:
     """The worker: import matplotlib at once, then draw what arrives until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it still plots what finished
+    ignore_interrupts()  # Ctrl-C and SIGTERM are the parent's: it still has this plot what finished
     _pyplot()
     while True:
         try:

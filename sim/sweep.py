@@ -4,45 +4,88 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
 from pensieve.config import Scenario, parse_scenario
 from pensieve.core import build_cost_model, rng_for
 from pensieve.results import summary_row
+from pensieve.signals import ignore_interrupts
 from pensieve.workload import build_workload
 
 from .driver import simulate
 
 
 def run_point(scenario_data: dict, source: str, point: dict) -> dict:
-    """Simulate one scenario (given as plain data so it crosses process boundaries); a table row."""
+    """Simulate one scenario (given as plain data so it crosses process boundaries); a table row.
+    An interrupted simulation is no point of the sweep: the interrupt goes on up."""
     scenario = parse_scenario(scenario_data, source)
     workload = build_workload(scenario.workload, rng_for(scenario))
     run = simulate(scenario, workload, build_cost_model(scenario, source), progress=False)
+    if run.interrupted:
+        raise KeyboardInterrupt  # SIGTERM's Terminated was turned into `interrupted` the same way
     return {**summary_row(run.summary, **point), "arrival_rate": scenario.workload.arrival_rate,
             "summary": run.summary}
 
 
 def run_points(points: list[tuple[dict, Scenario]], source: str, jobs: int, ray_address: str | None = None,
-               progress=None) -> list[dict]:
-    """Every point of a sweep, in parallel; rows come back in the points' order."""
+               progress=None, rows: list[dict] | None = None) -> list[dict]:
+    """Every point of a sweep, in parallel; rows are appended to `rows` in the points' order as they
+    finish, so that an interrupted sweep keeps exactly the points that finished (the interrupt
+    propagates after the workers are ended)."""
+    rows = [] if rows is None else rows
     payloads = [(scenario.model_dump(), source, point) for point, scenario in points]
     if ray_address:
-        return _run_on_ray(payloads, ray_address, progress)
+        rows += _run_on_ray(payloads, ray_address, progress)
+        return rows
     if jobs <= 1 or len(payloads) == 1:
-        rows = []
         for payload in payloads:
             rows.append(run_point(*payload))
             if progress:
                 progress.update(1)
         return rows
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    with worker_pool(jobs) as pool:
         futures = [pool.submit(run_point, *payload) for payload in payloads]
-        rows = []
-        for future in futures:
-            rows.append(future.result())
-            if progress:
-                progress.update(1)
-        return rows
+        done: dict[int, dict] = {}
+        try:
+            for i, future in enumerate(futures):
+                done[i] = future.result()
+                if progress:
+                    progress.update(1)
+        except KeyboardInterrupt:
+            # points that finished out of order are kept too
+            for i, future in enumerate(futures):
+                if i not in done and future.done() and not future.cancelled() and future.exception() is None:
+                    done[i] = future.result()
+            raise
+        finally:
+            rows += [done[i] for i in sorted(done)]
+    return rows
+
+
+@contextmanager
+def worker_pool(jobs: int):
+    """A process pool whose workers leave interrupts to this process; on an interrupt (or any
+    error) the workers are ended at once rather than left to finish their points."""
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=ignore_interrupts)
+    try:
+        yield pool
+    except BaseException:
+        _end_workers(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    # The executor has no public way to stop running work: kill its processes (they ignore SIGTERM),
+    # then shut it down without waiting.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    for process in processes:
+        process.join(timeout=5)
 
 
 def _run_on_ray(payloads: list[tuple], address: str, progress) -> list[dict]:
