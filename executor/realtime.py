@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from pensieve.config import Scenario
+from pensieve.outputs import atomic_open, prepare_folder
 from pensieve.plots import plot_run
 from pensieve.results import request_rows, summarize, write_results
 from pensieve.workload import Workload
@@ -53,8 +55,9 @@ def engine_config(scenario: Scenario, policy: str | None = None) -> EngineConfig
 
 
 def prompt_ids(seed: int, conversation: str, turn: int, length: int, vocab: int) -> list[int]:
-    """Deterministic synthetic token ids for one turn's new prompt."""
-    rng = np.random.default_rng([seed, abs(hash(conversation)) % (2**32), turn])
+    """Deterministic synthetic token ids for one turn's new prompt: the same in every process (a
+    checksum of the conversation id, not Python's per-process `hash`)."""
+    rng = np.random.default_rng([seed, zlib.crc32(conversation.encode("utf-8")), turn])
     return rng.integers(FIRST_PLAIN_TOKEN, vocab, length).tolist()
 
 
@@ -178,10 +181,10 @@ def _sample(engine: Engine, now: float) -> dict:
 def write_run(out: Path, scenario: Scenario, run: RealRun) -> Path:
     """The results folder of a real run: DESIGN.md's files plus outputs.jsonl and steps.jsonl."""
     write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline)
-    with open(out / "outputs.jsonl", "w") as f:
+    with atomic_open(out / "outputs.jsonl") as f:
         for row in run.outputs:
             f.write(json.dumps(row) + "\n")
-    with open(out / "steps.jsonl", "w") as f:
+    with atomic_open(out / "steps.jsonl") as f:
         for row in run.steps:
             f.write(json.dumps(row) + "\n")
     plot_run(out, run.summary, request_rows(run.finished), run.timeline)
@@ -216,14 +219,16 @@ def run_command(args) -> int:
 
     scenario = load_scenario(args.scenario)
     workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)
-    loaded = load_scenario_model(scenario, args.scenario, args.device)
-    cost = build_cost_model(scenario, args.scenario)
     policies = [p for group in (args.policy or [scenario.cache.policy.type]) for p in group.split(",")]
     base = Path(args.out or Path("results") / f"{scenario.name}-real")
+    # every results folder checked before the model loads
+    folders = {p: prepare_folder(base / p if len(policies) > 1 else base, args.force) for p in policies}
+    loaded = load_scenario_model(scenario, args.scenario, args.device)
+    cost = build_cost_model(scenario, args.scenario)
     rows, status = [], 0
     for policy in policies:
         run = serve(scenario, workload, loaded, policy, progress=not args.quiet, cost_model=cost)
-        out = base / policy if len(policies) > 1 else base
+        out = folders[policy]
         write_run(out, scenario, run)
         rows.append(summary_row(run.summary, wall_s=run.summary["wall_s"],
                                 tokens=run.summary["tokens"]["generated"] + run.summary["tokens"]["new_prompt"]))

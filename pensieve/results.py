@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .outputs import atomic_open
 from .request import Request
 
 REQUEST_COLUMNS = [
@@ -94,14 +95,14 @@ def write_results(folder: str | Path, summary: dict, finished: list[Request], sc
     (`rows`: `request_rows(finished)`, if the caller has them already)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with open(folder / "requests.csv", "w", newline="") as out:
+    write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+    with atomic_open(folder / "requests.csv", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=REQUEST_COLUMNS)
         writer.writeheader()
         writer.writerows(rows if rows is not None else request_rows(finished))
-    (folder / "scenario.yaml").write_text(yaml.safe_dump(scenario, sort_keys=False))
+    write_text(folder / "scenario.yaml", yaml.safe_dump(scenario, sort_keys=False))
     if timeline:
-        with open(folder / "timeline.csv", "w", newline="") as out:
+        with atomic_open(folder / "timeline.csv", newline="") as out:
             writer = csv.DictWriter(out, fieldnames=list(timeline[0]))
             writer.writeheader()
             writer.writerows(timeline)
@@ -144,3 +145,9 @@ def print_json(data: dict) -> None:
     """A command's results as JSON on standard output."""
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a whole text file atomically (see `pensieve.outputs`)."""
+    with atomic_open(path) as out:
+        out.write(text)

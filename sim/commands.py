@@ -8,14 +8,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pensieve.config import expand_sweep, load_scenario
+from pensieve.config import ScenarioError, expand_sweep, load_scenario
 from pensieve.core import build_cost_model, build_scheduler, rng_for
+from pensieve.outputs import atomic_open, check_new_file, prepare_folder
 from pensieve.plots import PlotWorker, plot_sweep
-from pensieve.results import SUMMARY_COLUMNS, format_table, request_rows, summary_row, write_results
+from pensieve.results import SUMMARY_COLUMNS, format_table, request_rows, summary_row, write_results, write_text
 from pensieve.workload import WorkloadError, build_workload
 
 from .driver import simulate
-from .sweep import run_points, throughput_at_target
+from .sweep import run_points, throughput_at_target, worker_pool
 
 
 def _check_feasible(scenario, workload, source: str, cost) -> None:
@@ -32,20 +33,31 @@ def _check_feasible(scenario, workload, source: str, cost) -> None:
             "workload.max_context")
 
 
+def require_profile(scenario, source: str, cost) -> None:
+    """The simulator times steps with a profile; say so before anything runs."""
+    if not cost.times_steps:
+        raise ScenarioError(source, "profile", "the simulator needs a cost profile to time steps; name one (e.g. "
+                                               "profile: profiles/cpu-smollm2-135m-float32.yaml), measure one with "
+                                               "`pensieve profile`, or write an analytical one with "
+                                               "`pensieve profile --analytical GPU`")
+
+
 def simulate_command(args) -> int:
     scenario = load_scenario(args.scenario)
     if args.seed is not None:
         scenario = scenario.model_copy(update={"seed": args.seed})
+    out = prepare_folder(args.out or Path("results") / scenario.name, args.force)  # before any work
     plots = PlotWorker()  # started first: matplotlib loads there while the profile loads here
     try:
         workload = build_workload(scenario.workload, rng_for(scenario))
         for problem in workload.skipped:
             print(f"skipped: {problem}")
         cost = build_cost_model(scenario, args.scenario)
+        require_profile(scenario, args.scenario, cost)
+        for repair in getattr(cost, "repairs", ()):
+            print(f"profile {scenario.profile}: {repair}")
         _check_feasible(scenario, workload, args.scenario, cost)
         run = simulate(scenario, workload, cost, progress=not args.quiet)
-        out = Path(args.out or Path("results") / scenario.name)
-        out.mkdir(parents=True, exist_ok=True)
         rows = request_rows(run.finished)
         plots.submit("plot_run", out, run.summary, rows, run.timeline)
         write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline, rows=rows)
@@ -61,32 +73,37 @@ def simulate_command(args) -> int:
 
 def sweep_command(args) -> int:
     scenario = load_scenario(args.scenario)
-    out = Path(args.out or Path("results") / f"{scenario.name}-sweep")
-    out.mkdir(parents=True, exist_ok=True)
+    require_profile(scenario, args.scenario, build_cost_model(scenario, args.scenario))
     target = args.target or scenario.latency_target_ms
+    if args.search and not target:
+        raise ValueError(f"{args.scenario}: --search needs a latency target (--target or latency_target_ms)")
     points = expand_sweep(scenario, args.scenario)
+    out = prepare_folder(args.out or Path("results") / f"{scenario.name}-sweep", args.force)  # before any work
     jobs = args.jobs or os.cpu_count() or 1
-    rows = []
+    rows: list[dict] = []  # finished points only, in the sweep's order
+    interrupted = False
     try:
         with tqdm(total=len(points), desc="sweep", unit="point") as bar:
-            rows = run_points(points, args.scenario, jobs, args.ray, bar)
+            run_points(points, args.scenario, jobs, args.ray, bar, rows)
     except KeyboardInterrupt:
-        print("interrupted: writing the points that finished")
+        interrupted = True
+        print(f"interrupted: writing the {len(rows)} of {len(points)} points that finished")
     table = [{k: v for k, v in row.items() if k != "summary"} for row in rows]
     if table:
-        with open(out / "sweep.csv", "w", newline="") as f:
+        with atomic_open(out / "sweep.csv", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]))
             writer.writeheader()
             writer.writerows(table)
-        (out / "summaries.json").write_text(json.dumps([row["summary"] for row in rows], indent=1))
+        write_text(out / "summaries.json", json.dumps([row["summary"] for row in rows], indent=1))
         plot_sweep(out, table, target)
         axes = list(scenario.sweep)
         print(format_table(table, [(a, a) for a in axes] + SUMMARY_COLUMNS))
+    if interrupted:
+        print(f"results: {out}/ ({len(rows)} of {len(points)} points)")
+        return 130
     if args.search:
-        if not target:
-            raise ValueError(f"{args.scenario}: --search needs a latency target (--target or latency_target_ms)")
         results = _search(scenario, args, points, target, jobs)
-        (out / "throughput_at_target.json").write_text(json.dumps(results, indent=1, default=str))
+        write_text(out / "throughput_at_target.json", json.dumps(results, indent=1, default=str))
         print(f"\nthroughput at {target} ms/token ({args.metric} normalized latency):")
         for policy, best in results.items():
             print(f"  {policy:>18}: " + (f"{best['throughput_rps']:.3f} req/s at arrival rate "
@@ -97,12 +114,10 @@ def sweep_command(args) -> int:
 
 def _search(scenario, args, points, target: float, jobs: int) -> dict:
     """Throughput at the latency target per distinct policy among the sweep's points."""
-    from concurrent.futures import ProcessPoolExecutor
-
     by_policy = {}
     for _, point in points:
         by_policy.setdefault(point.cache.policy.type, point)
-    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(by_policy)))) as pool:
+    with worker_pool(max(1, min(jobs, len(by_policy)))) as pool:
         futures = {p: pool.submit(throughput_at_target, s, args.scenario, target, 6, args.metric)
                    for p, s in by_policy.items()}
         found = {p: f.result() for p, f in futures.items()}
@@ -113,10 +128,11 @@ def _search(scenario, args, points, target: float, jobs: int) -> dict:
 def workload_command(args) -> int:
     """Draw or read a scenario's workload and write it as a JSONL trace, with a few statistics."""
     scenario = load_scenario(args.scenario)
+    path = check_new_file(args.out, args.force)
     workload = build_workload(scenario.workload, rng_for(scenario))
     for problem in workload.skipped:
         print(f"skipped: {problem}")
-    workload.to_trace(Path(args.out))
+    workload.to_trace(path)
     turns = [t for c in workload.conversations for t in c.turns]
     print(f"{len(workload.conversations)} conversations, {len(turns)} turns; mean turns "
           f"{len(turns) / len(workload.conversations):.2f}, mean prompt {sum(t.prompt_tokens for t in turns) / len(turns):.1f}"

@@ -15,7 +15,8 @@ from pensieve.config import Scenario, load_scenario
 from pensieve.core import build_cost_model, rng_for
 from pensieve.cost import ScaledCostModel
 from pensieve.plan import PrefillItem, StepPlan
-from pensieve.results import format_table
+from pensieve.outputs import prepare_folder
+from pensieve.results import format_table, write_text
 from pensieve.workload import build_workload, scale_think_times
 
 from .driver import simulate
@@ -170,7 +171,7 @@ def write_validation(out: Path, result: dict, scenario: Scenario) -> Path:
     write_run(out / "real", scenario, result["_real_run"])
     if result.get("interrupted"):
         public = {k: v for k, v in result.items() if not k.startswith("_")}
-        (out / "validation.json").write_text(json.dumps(public, indent=2, default=float) + "\n")
+        write_text(out / "validation.json", json.dumps(public, indent=2, default=float) + "\n")
         return out
     sim = result["_sim_run"]
     write_results(out / "sim", sim.summary, sim.finished, scenario.model_dump(), sim.timeline)
@@ -179,7 +180,7 @@ def write_validation(out: Path, result: dict, scenario: Scenario) -> Path:
     for key in ("replay", "replay_at_machine_speed"):
         if key in public:
             public[key] = {k: v for k, v in result[key].items() if not k.startswith("_")}
-    (out / "validation.json").write_text(json.dumps(public, indent=2, default=float) + "\n")
+    write_text(out / "validation.json", json.dumps(public, indent=2, default=float) + "\n")
     _plot(out, result)
     return out
 
@@ -215,9 +216,12 @@ def _error_text(row: dict) -> str:
 
 def validate_command(args) -> int:
     scenario = load_scenario(args.scenario)
+    out = prepare_folder(args.out or Path("results") / f"{scenario.name}-validate", args.force)  # before the work
+    for side in ("real", "sim"):  # each side's results folder, checked the same way (created when written)
+        if (out / side).exists():
+            prepare_folder(out / side, args.force, option=f"--out {out}: its {side}/ folder")
     result = validate(scenario, args.scenario, progress=not args.quiet, device=args.device,
                       speed_probe=not args.no_speed_probe)
-    out = Path(args.out or Path("results") / f"{scenario.name}-validate")
     write_validation(out, result, scenario)
     if result.get("interrupted"):
         print(f"interrupted: wrote the {result['real']['requests']} real turns that finished to {out}/real/ "
