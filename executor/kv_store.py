@@ -19,6 +19,26 @@ def _runs(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return runs
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to allocate now (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(what: str, nbytes: int) -> None:
+    """Refuse, before torch tries, a host allocation larger than the memory available."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise ValueError(f"{what}: the KV tiers need {nbytes / 1e9:.3g} GB of host memory but only "
+                         f"{free / 1e9:.3g} GB is available; make the tiers smaller")
+
+
 class PagedKVStore:
     """KV cache slots of `chunk_tokens` tokens each, in a device pool and a host pool.
 
@@ -49,6 +69,9 @@ class PagedKVStore:
         self.device_slots, self.host_slots = device_slots, host_slots
         on_cuda = self.device.type == "cuda"
         chunk_shape = (2, chunk_tokens, kv_heads, head_dim)
+        chunk_bytes = layers * 2 * chunk_tokens * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        check_memory("KV tiers (cache.device_gb and host_gb, or --gpu-cache and --cpu-cache)", host_slots * chunk_bytes
+                     + (0 if on_cuda else device_slots * chunk_bytes))
         # Zero-filled: a padded gather may read slots never written, and a masked-out NaN still poisons softmax @ V.
         self.device_pool = torch.zeros((layers, device_slots, *chunk_shape), dtype=dtype, device=self.device)
         # Left unfilled: a host slot is only read by a swap-in after a swap-out wrote all of it, and

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .cache import SWAP_OUT_BATCH
 from .models import ARCHITECTURES, DEFAULT_MODEL, DTYPE_BYTES, PRESETS, ModelSpec
 from .policies import policy_class
+from .tiers import MAX_SLOTS
 
 
 class ScenarioError(ValueError):
@@ -53,13 +54,16 @@ class PolicyConfig(_Strict):
     @field_validator("type")
     @classmethod
     def _known(cls, value: str) -> str:
-        policy_class(value)  # raises with the allowed names
+        if ":" not in value:
+            policy_class(value)  # raises with the allowed names
+        # An import path names a module whose top-level code runs on import: that waits until the
+        # whole scenario has validated (Scenario._import_policy).
         return value
 
 
 class CacheConfig(_Strict):
-    device_gb: float = Field(gt=0, description="device (GPU) tier size in GB (10^9 bytes)")
-    host_gb: float = Field(default=0.0, ge=0, description="host (CPU) tier size in GB")
+    device_gb: float = Field(gt=0, allow_inf_nan=False, description="device (GPU) tier size in GB (10^9 bytes)")
+    host_gb: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="host (CPU) tier size in GB")
     chunk_tokens: int = Field(default=32, ge=1, le=4096)
     policy: PolicyConfig = PolicyConfig(type="pensieve")
 
@@ -105,7 +109,8 @@ class WorkloadConfig(_Strict):
     conversations: int = Field(default=100, gt=0, description="conversations to draw (synthetic, fixed, a cap for files)")
     arrival_rate: float = Field(default=1.0, gt=0, description="new conversations per second, Poisson; .inf: all at once")
     think_time: Literal["exponential", "fixed", "none"] = "exponential"
-    think_time_s: float = Field(default=60.0, ge=0, description="mean user think time between turns (§6.1)")
+    think_time_s: float = Field(default=60.0, ge=0, allow_inf_nan=False,
+                                description="mean user think time between turns (§6.1)")
     max_context: int = Field(default=16384, gt=0, description="a conversation ends before passing this (§6.1)")
     # synthetic shape; unset means the preset's mean
     turns_mean: float | None = Field(default=None, ge=1)
@@ -161,10 +166,30 @@ class Scenario(_Strict):
             return PRESETS[key].to_dict()
         return value
 
+    @field_validator("sweep")
+    @classmethod
+    def _axes_have_values(cls, value: dict) -> dict:
+        for key, values in value.items():
+            if not values:
+                raise ValueError(f"axis {key!r} has no values; an axis is a non-empty list")
+        return value
+
     @model_validator(mode="after")
     def _fits(self) -> "Scenario":
         if self.cache.chunk_tokens > self.model.max_context:
             raise ValueError(f"cache.chunk_tokens {self.cache.chunk_tokens} exceeds the model's context")
+        bytes_per_chunk = self.model_spec.kv_bytes_per_token * self.cache.chunk_tokens
+        for key in ("device_gb", "host_gb"):
+            slots = getattr(self.cache, key) * 1e9 // bytes_per_chunk
+            if slots > MAX_SLOTS:
+                raise ValueError(f"cache.{key} {getattr(self.cache, key):g} GB is {slots:.3g} chunk slots of "
+                                 f"{bytes_per_chunk} bytes for this model, over the {MAX_SLOTS:.0e} a tier may hold "
+                                 f"(at most {MAX_SLOTS * bytes_per_chunk / 1e9:.4g} GB)")
+        return self
+
+    @model_validator(mode="after")
+    def _import_policy(self) -> "Scenario":
+        policy_class(self.cache.policy.type)  # a user policy's module is imported only now
         return self
 
     @property
@@ -243,6 +268,9 @@ def expand_sweep(scenario: Scenario, source: str = "<scenario>") -> list[tuple[d
 
     base = scenario.model_dump(exclude={"sweep"})
     axes = list(scenario.sweep.items())
+    for key, values in axes:
+        if not isinstance(values, list) or not values:
+            raise ScenarioError(source, f"sweep.{key}", f"an axis is a non-empty list of values, got {values!r}")
     points = []
     for values in itertools.product(*(v for _, v in axes)):
         data = json.loads(json.dumps(base))
@@ -258,9 +286,12 @@ def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file; paths in it are resolved against its location."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ScenarioError(str(path), "", f"cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(str(path), "", f"is not UTF-8 text (byte {exc.start}: "
+                                           f"{exc.object[exc.start:exc.start + 1]!r})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

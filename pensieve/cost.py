@@ -15,6 +15,11 @@ class CostModel(ABC):
     def chunk_recompute_s(self, context_tokens: int, chunk_tokens: int) -> float:
         """Cost(l): recomputing one chunk of `chunk_tokens` whose context (tokens before it) is l."""
 
+    @property
+    def times_steps(self) -> bool:
+        """Whether this model gives step times (the simulator needs them; Cost(l) alone does not)."""
+        return type(self).step_time_s is not CostModel.step_time_s
+
     def step_time_s(self, plan, chunk_tokens: int) -> float:
         """Seconds one StepPlan takes on the device (the simulator's clock); profiles provide it."""
         raise NotImplementedError(f"{type(self).__name__} cannot time steps; give the scenario a profile")

@@ -64,7 +64,13 @@ class EvictionPolicy:
         costs = [self.cost_model.chunk_recompute_s(i * chunk_tokens, chunk_tokens) for i in range(max_chunks + 1)]
         self._chunk_cost = np.maximum.accumulate(costs).tolist()
         self._cost_array = np.asarray(self._chunk_cost)
-        self.check_contract(max_chunks)
+        try:
+            self.check_contract(max_chunks)
+        except PolicyContractError:
+            raise
+        except Exception as exc:  # a user policy's score failed: say so at bind, not mid-run
+            raise PolicyContractError(f"policy {self.name!r} ({type(self).__name__}): score raised "
+                                      f"{type(exc).__name__}: {exc} when checked at bind") from exc
 
     def check_contract(self, max_chunks: int) -> None:
         """Refuse (PolicyContractError) scores that fall along the eviction order, or that break the
@@ -203,6 +209,8 @@ def policy_class(name: str) -> type[EvictionPolicy]:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"policy {name!r} cannot be imported: {exc}") from exc
+    except Exception as exc:  # the module's own top-level code failed
+        raise ValueError(f"policy {name!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):
         raise ValueError(f"policy {name!r} is not a subclass of pensieve.policies.EvictionPolicy")
     if cls.order not in ("leading", "trailing") or cls.unit not in ("chunk", "conversation"):

@@ -17,6 +17,7 @@ from scipy.optimize import isotonic_regression, nnls
 
 from .cost import CostModel
 from .models import DTYPE_BYTES, ModelSpec
+from .results import write_text
 
 FORMAT = 1
 SOURCES = ("measured", "analytical")
@@ -34,8 +35,28 @@ class ProfileError(ValueError):
 # Loading and validation
 
 
+# Every key a profile may hold, so that a misspelt one ("prefil_attention_s", or "unit: ms" read as
+# seconds) is an error rather than silently ignored.
+TOP_KEYS = ("format", "source", "analytical", "method", "device", "device_detail", "model", "dtype", "chunk_tokens",
+            "overlap_copies", "versions", "date", "tables", "profile_seconds", "repeats", "runtime", "notes")
+TABLE_KEYS = ("chunk_attention_s", "decode_attention_s", "non_attention_s", "per_sequence_s", "step_overhead_s",
+              "copy_s", "prefill_attention_s")
+COPY_KEYS = ("chunk_s", "layer_chunk_s", "bandwidth_gb_s", "bytes_per_chunk")
+
+
 def _fail(source: str, key: str, message: str) -> ProfileError:
     return ProfileError(f"profile {source}: {key}: {message}")
+
+
+def _known_keys(source: str, data: dict, allowed: tuple[str, ...], where: str) -> None:
+    import difflib
+
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise _fail(source, f"{where}.{key}" if where else str(key),
+                        f"unknown key; {hint}allowed here: {', '.join(allowed)} (times are always in seconds)")
 
 
 def _get(source: str, data: dict, key: str, where: str, kinds: type | tuple[type, ...], expected: str) -> Any:
@@ -108,6 +129,7 @@ def profile_from_dict(data: Any, source: str = "<dict>") -> Profile:
     """Validate a profile's contents (as loaded from YAML); errors name `source`, the key and what is expected."""
     if not isinstance(data, dict):
         raise _fail(source, "(top level)", f"expected a mapping, got {type(data).__name__}")
+    _known_keys(source, data, TOP_KEYS, "")
     fmt = _get(source, data, "format", "", int, f"the format version {FORMAT}")
     if fmt != FORMAT:
         raise _fail(source, "format", f"version {fmt} is not supported (this code reads {FORMAT})")
@@ -146,16 +168,24 @@ def _check_tables(source: str, tables: dict, chunk: int) -> None:
             raise _fail(source, f"tables.{key}", "missing; see profiles/README.md for the tables a profile holds")
         return tables[key]
 
-    _table(source, need("chunk_attention_s"), "tables.chunk_attention_s")
+    _known_keys(source, tables, TABLE_KEYS, "tables")
+    for key in ("chunk_attention_s", "non_attention_s"):
+        _, seconds = _table(source, need(key), f"tables.{key}")
+        if not seconds.any():
+            raise _fail(source, f"tables.{key}", "every entry is 0 s: no model computes in no time; re-measure it")
     decode = _table2d(source, need("decode_attention_s"), "tables.decode_attention_s")
     if 1 not in decode:
         raise _fail(source, "tables.decode_attention_s.1", "missing; the single-decode row is required")
-    _table(source, need("non_attention_s"), "tables.non_attention_s")
+    if not any(seconds.any() for _, seconds in decode.values()):
+        raise _fail(source, "tables.decode_attention_s", "every entry is 0 s: no model computes in no time")
     _point(source, need("per_sequence_s"), "tables.per_sequence_s")
     _point(source, need("step_overhead_s"), "tables.step_overhead_s")
     copy = need("copy_s")
+    if isinstance(copy, dict):
+        _known_keys(source, copy, DIRECTIONS, "tables.copy_s")
     for direction in DIRECTIONS:
         entry = _get(source, copy, direction, "tables.copy_s", dict, "{chunk_s, layer_chunk_s, ...}")
+        _known_keys(source, entry, COPY_KEYS, f"tables.copy_s.{direction}")
         for key in ("chunk_s", "layer_chunk_s"):
             _point(source, _get(source, entry, key, f"tables.copy_s.{direction}", (int, float, dict), "seconds"),
                    f"tables.copy_s.{direction}.{key}")
@@ -170,9 +200,12 @@ def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile YAML file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise ProfileError(f"profile {path}: cannot read it ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise ProfileError(f"profile {path}: is not UTF-8 text (byte {err.start}: "
+                           f"{err.object[err.start:err.start + 1]!r})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -197,7 +230,7 @@ def dump_profile(data: dict, path: str | Path) -> Profile:
     profile = profile_from_dict(data, str(path))
     text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=10_000)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("# Pensieve cost profile; the format is described in profiles/README.md\n" + text)
+    write_text(path, "# Pensieve cost profile; the format is described in profiles/README.md\n" + text)
     return profile
 
 
@@ -225,9 +258,15 @@ class Curve:
     less time, and noise can make neighbouring medians cross, which would reorder evictions.
     """
 
-    def __init__(self, xs: np.ndarray, ys: np.ndarray) -> None:
+    def __init__(self, xs: np.ndarray, ys: np.ndarray, name: str = "") -> None:
         self.xs = np.asarray(xs, float)
-        self.ys = isotonic_regression(np.asarray(ys, float)).x
+        raw = np.asarray(ys, float)
+        self.ys = isotonic_regression(raw).x
+        moved = np.flatnonzero(~np.isclose(self.ys, raw, rtol=1e-12, atol=0.0))
+        # What the repair changed, for the command to report (None: the medians were already in order).
+        self.repair = None if not len(moved) else (
+            f"{name or 'a table'}: {len(moved)} of {len(raw)} medians made nondecreasing, the largest moved by "
+            f"{float(np.max(np.abs(self.ys[moved] - raw[moved]) / np.maximum(raw[moved], 1e-30))):.1%}")
         self.last_slope = float((self.ys[-1] - self.ys[-2]) / (self.xs[-1] - self.xs[-2]))
         self._xs, self._ys = self.xs.tolist(), self.ys.tolist()
 
@@ -276,7 +315,7 @@ class Surface:
 
 
 def _curve(source: str, table: dict, path: str) -> Curve:
-    return Curve(*_table(source, table, path))
+    return Curve(*_table(source, table, path), name=path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,15 +333,22 @@ class ProfileCostModel(CostModel):
         self.profile = profile
         src, t, chunk = profile.path, profile.tables, profile.chunk_tokens
         self.chunk_attention = _curve(src, t["chunk_attention_s"], "chunk_attention_s")
-        decode_rows = {n: Curve(*row) for n, row in _table2d(src, t["decode_attention_s"], "decode").items()}
+        decode_rows = {n: Curve(*row, name=f"decode_attention_s.{n}")
+                       for n, row in _table2d(src, t["decode_attention_s"], "decode").items()}
         self.decode_call_s, self.decode_context_s, self.decode_token_s = _fit_decodes(decode_rows)
         self.prefill_attention = None
         if "prefill_attention_s" in t:
-            rows = {q: Curve(*row) for q, row in _table2d(src, t["prefill_attention_s"], "prefill").items()}
+            rows = {q: Curve(*row, name=f"prefill_attention_s.{q}")
+                    for q, row in _table2d(src, t["prefill_attention_s"], "prefill").items()}
+            curves = list(rows.values())
             diagonal = [(chunk, self.chunk_attention(chunk))] + [(q, rows[q](q)) for q in sorted(rows)]
             rows.update({1: decode_rows[1], chunk: self.chunk_attention})
             self.prefill_attention = Surface(rows, Curve(*np.array(diagonal).T))
+        else:
+            curves = []
         self.non_attention = _curve(src, t["non_attention_s"], "non_attention_s")
+        curves += [self.chunk_attention, self.non_attention, *decode_rows.values()]
+        self.repairs = [c.repair for c in curves if c.repair]  # reported by the commands that load it
         self._non_attention_memo: dict[int, float] = {}
         self.per_sequence_s = max(_point(src, t["per_sequence_s"], "per_sequence_s"), 0.0)
         self.overhead_s = _point(src, t["step_overhead_s"], "step_overhead_s")

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+# The most chunk slots a tier may have: each is a list entry in the core (a tier of 10^7 slots takes
+# ~0.4 GB of this process's memory); a size past it is a typo (1e30 GB), not an experiment.
+MAX_SLOTS = 10**7
+
+
 class SlotPool:
     """Owns the free slots of one tier; reuse is last-freed-first so replays are deterministic."""
 
@@ -10,6 +15,8 @@ class SlotPool:
     def __init__(self, name: str, capacity: int) -> None:
         if capacity < 0:
             raise ValueError(f"{name} tier: capacity must be >= 0 slots, got {capacity}")
+        if capacity > MAX_SLOTS:
+            raise ValueError(f"{name} tier: {capacity} slots is over the {MAX_SLOTS:.0e} a tier may hold")
         self.name = name
         self.capacity = capacity
         self.free: list[int] = list(range(capacity - 1, -1, -1))  # pop() yields slot 0 first

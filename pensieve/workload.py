@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .outputs import atomic_open
+
 # Table 2 of the paper (§6.1): mean turns per conversation, new input and output tokens per request.
 PRESETS = {
     "sharegpt": {"turns_mean": 5.56, "prompt_mean": 37.77, "output_mean": 204.58},
@@ -56,7 +58,7 @@ class Workload:
 
     def to_trace(self, path: Path) -> None:
         """Write the JSONL trace format: one line per turn."""
-        with open(path, "w") as out:
+        with atomic_open(path) as out:
             for conv in self.conversations:
                 for i, turn in enumerate(conv.turns):
                     row = {"conversation": conv.id, "turn": i, **asdict(turn)}
@@ -145,33 +147,90 @@ def fixed(rng: np.random.Generator, conversations: int, rate: float, turns: int,
     return Workload(convs)
 
 
+TRACE_KEYS = "conversation, turn, prompt_tokens, output_tokens[, think_s, start_s]"
+
+
+def _whole(row: dict, key: str, least: int) -> int:
+    """A token count: an integer (not a string, a float or a boolean) of at least `least`."""
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    if value < least:
+        raise ValueError(f"{key} must be >= {least}, got {value}")
+    return value
+
+
+def _seconds(row: dict, key: str) -> float:
+    """A time in seconds: a finite number >= 0 (absent: 0)."""
+    value = row.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} must be finite and >= 0, got {value}")
+    return float(value)
+
+
 def load_trace(path: Path, max_context: int) -> Workload:
     """A JSONL trace: one turn per line with conversation, turn, prompt_tokens, output_tokens,
-    optional think_s and (on turn 0) start_s."""
-    convs: dict[str, Conversation] = {}
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise WorkloadError(f"{path}: cannot be read: {exc.strerror}") from None
+    optional think_s and (on turn 0) start_s.
+
+    Types are strict (a token count given as "50", 20.7 or true is an error, not a guess), turns
+    are ordered by their `turn` index, which must run 0, 1, 2, ... per conversation with no
+    duplicate or gap, and the turns a conversation loses to `max_context` are counted in the
+    workload's `skipped` notes.
+    """
+    rows: dict[str, dict[int, tuple[int, Turn, float | None]]] = {}
+    lines = read_text(path, WorkloadError).splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            conv_id = str(row["conversation"])
-            turn = Turn(int(row["prompt_tokens"]), int(row["output_tokens"]), float(row.get("think_s", 0.0)))
-            if turn.prompt_tokens < 0 or turn.output_tokens < 1:
-                raise ValueError("prompt_tokens must be >= 0 and output_tokens >= 1")
+            if not isinstance(row, dict):
+                raise ValueError(f"a line is a JSON object, got {type(row).__name__}")
+            conv_id = row["conversation"]
+            if isinstance(conv_id, bool) or not isinstance(conv_id, (str, int)):
+                raise ValueError(f"conversation must be a string or an integer, got {conv_id!r}")
+            conv_id = str(conv_id)
+            index = _whole(row, "turn", 0)
+            turn = Turn(_whole(row, "prompt_tokens", 0), _whole(row, "output_tokens", 1), _seconds(row, "think_s"))
+            start = _seconds(row, "start_s") if "start_s" in row else None
         except (ValueError, KeyError, TypeError) as exc:
-            raise WorkloadError(f"{path}:{number}: bad trace line ({exc}); expected keys conversation, turn, "
-                                "prompt_tokens, output_tokens[, think_s, start_s]") from None
-        conv = convs.setdefault(conv_id, Conversation(conv_id, float(row.get("start_s", 0.0))))
-        conv.turns.append(turn)
-    if not convs:
+            raise WorkloadError(f"{path}:{number}: bad trace line ({exc}); expected keys {TRACE_KEYS}") from None
+        turns = rows.setdefault(conv_id, {})
+        if index in turns:
+            raise WorkloadError(f"{path}:{number}: conversation {conv_id!r} turn {index} is already on line "
+                                f"{turns[index][0]}; each (conversation, turn) appears once")
+        turns[index] = (number, turn, start)
+    if not rows:
         raise WorkloadError(f"{path}: the trace has no turns")
-    for conv in convs.values():
-        conv.turns = cap_context(conv.turns, max_context)
-    return Workload([c for c in convs.values() if c.turns])
+    convs, notes = [], []
+    for conv_id, turns in rows.items():
+        order = sorted(turns)
+        if order != list(range(len(order))):
+            missing = min(set(range(len(order))) - set(order))
+            raise WorkloadError(f"{path}: conversation {conv_id!r} has no turn {missing} (its turns are "
+                                f"{order[:8]}{'...' if len(order) > 8 else ''}); turns are numbered 0, 1, 2, ...")
+        first_line, _, start = turns[0]
+        conv = Conversation(conv_id, start or 0.0, [turns[i][1] for i in order])
+        kept = cap_context(conv.turns, max_context)
+        if len(kept) < len(conv.turns):
+            notes.append(f"{path}: conversation {conv_id!r}: {len(conv.turns) - len(kept)} of its {len(conv.turns)} "
+                         f"turns pass workload.max_context ({max_context} tokens) and were left out")
+        conv.turns = kept
+        if kept:
+            convs.append(conv)
+    return Workload(convs, notes)
+
+
+def read_text(path: Path, error: type[Exception]) -> str:
+    """A UTF-8 text file; `error` names the file and why it cannot be read (the byte, if not UTF-8)."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
 
 
 def count_tokens(text: str, tokenizer=None) -> int:
@@ -189,14 +248,13 @@ def load_sharegpt(path: Path, rng: np.random.Generator, rate: float, think: str,
     its position and skipped, or refused (`on_error: refuse`).
     """
     try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise WorkloadError(f"{path}: cannot be read: {exc.strerror}") from None
+        data = json.loads(read_text(path, WorkloadError))
     except json.JSONDecodeError as exc:
         raise WorkloadError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, list):
         raise WorkloadError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
     convs, skipped = [], []
+    capped = 0
     for position, entry in enumerate(data):
         if limit is not None and len(convs) >= limit:
             break
@@ -209,7 +267,12 @@ def load_sharegpt(path: Path, rng: np.random.Generator, rate: float, think: str,
             skipped.append(where)
             continue
         conv_id = str(entry.get("id", position))
-        convs.append(Conversation(conv_id, 0.0, cap_context(turns, max_context)))
+        kept = cap_context(turns, max_context)
+        capped += len(turns) - len(kept)
+        convs.append(Conversation(conv_id, 0.0, kept))
+    if capped:
+        skipped.append(f"{path}: {capped} turns pass workload.max_context ({max_context} tokens) and were left out, "
+                       "with the rest of their conversations")
     convs = [c for c in convs if c.turns]
     if not convs:
         raise WorkloadError(f"{path}: no usable conversation")
@@ -230,11 +293,15 @@ def _sharegpt_turns(entry, tokenizer) -> list[Turn]:
         if not isinstance(message, dict) or "from" not in message or not isinstance(message.get("value"), str):
             raise ValueError(f"message {i} lacks 'from' or a text 'value'")
         role = message["from"]
+        if not message["value"].strip() and role != "system":
+            raise ValueError(f"message {i} ({role}) is empty")
         if role in ("human", "user"):
-            pending = count_tokens(message["value"], tokenizer)
+            # two user messages in a row are one prompt: neither is lost
+            text = message["value"] if pending is None else pending + "\n" + message["value"]
+            pending = text
         elif role in ("gpt", "assistant", "chatgpt"):
             if pending is not None:
-                turns.append(Turn(pending, count_tokens(message["value"], tokenizer)))
+                turns.append(Turn(count_tokens(pending, tokenizer), count_tokens(message["value"], tokenizer)))
                 pending = None
         elif role != "system":
             raise ValueError(f"message {i} has unknown role {role!r} (human, gpt, system)")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,11 @@ def test_the_core_a_real_run_builds_is_the_simulators(tmp_path: Path) -> None:
     assert core_settings(engine_core()) == simulated
     # a --policy override leaves the scenario policy's params behind, in both
     assert core_settings(engine_core("lru")) == core_settings(build_scheduler(scenario, cost, policy="lru"))
+
+
+def test_real_run_prompts_are_the_same_in_every_process():
+    """Prompt token ids come from a checksum of the conversation id, not the per-process hash()."""
+    code = "from executor.realtime import prompt_ids; print(prompt_ids(3, 'c7', 1, 8, 500))"
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    assert len(runs) == 1 and runs.pop().startswith("[")
