@@ -102,6 +102,7 @@ def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: 
     next_sample = 0.0
     bar = tqdm(total=workload.requests, desc=f"run {engine.cache.policy.name}", unit="req", disable=not progress)
     interrupted = False
+    read_late: list[float] = []  # how long after its send time the loop read each turn (a step was running)
     start = time.perf_counter()
     try:
         while due or not engine.scheduler.idle:
@@ -110,8 +111,11 @@ def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: 
                 send, index, turn = heapq.heappop(due)
                 conv = workload.conversations[index]
                 spec = conv.turns[turn]
+                # A turn arrives when it is sent, not when the loop gets to it after the step in
+                # flight: its latency and TTFT include that wait, as the simulator's do.
                 engine.add_request(conv.id, prompt_ids(scenario.seed, conv.id, turn, spec.prompt_tokens, vocab),
-                                   spec.output_tokens, arrival=now, turn=turn)
+                                   spec.output_tokens, arrival=send, turn=turn)
+                read_late.append(now - send)
             if engine.scheduler.idle:
                 time.sleep(max(0.0, min(due[0][0] - now, 0.05)))
                 continue
@@ -143,12 +147,21 @@ def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: 
         extra={"steps": len(steps), "dropped_chunks": cache.stats.dropped_chunks, "device": str(loaded.device),
                "model": loaded.name, "device_slots": cache.device.capacity, "host_slots": cache.host.capacity,
                "interrupted": interrupted, "unfinished": workload.requests - len(finished),
+               "arrival_read_late_s": _spread(read_late),
                "threads": _threads_used(loaded, governor, len(steps))},
     )
     outputs = [{"conversation": r.conversation_id, "turn": r.turn,
                 "prompt_ids": engine.conversation_ids(r.conversation_id)[_prompt_slice(engine, r)],
                 "generated_ids": engine.generated_ids(r.id)} for r in sorted(finished, key=lambda r: r.id)]
     return RealRun(summary, finished, timeline, steps, outputs, interrupted)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean, p90 and max of a list of seconds (zeros when empty)."""
+    if not values:
+        return {"mean": 0.0, "p90": 0.0, "max": 0.0}
+    data = np.asarray(values)
+    return {"mean": float(data.mean()), "p90": float(np.percentile(data, 90)), "max": float(data.max())}
 
 
 def _threads_used(loaded: LoadedModel, governor: ThreadGovernor | None, steps: int) -> dict[str, int] | None:

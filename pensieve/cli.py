@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>-validate)")
     p.add_argument("--device", default=None, help="override the scenario's run.device")
     p.add_argument("--max-error", type=float, default=None,
-                   help="exit 1 when throughput or mean latency differ by more than this fraction")
+                   help="exit 1 when throughput or mean latency differ by more than this fraction (default "
+                        "0.10; written into validation.json with the verdict)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-speed-probe", action="store_true",
                    help="skip timing grid-point steps before and after the real run (the machine-speed "
