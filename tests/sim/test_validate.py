@@ -1,7 +1,8 @@
 """End-to-end validation on the real SmolLM2 and the shipped CPU profile: the machinery, not the fidelity.
 
 The fidelity figures come from scenarios/validate/ run on a quiet machine; here the checks are that
-both sides ran the same workload, wrote their files, and agree exactly on what does not depend on time.
+both sides ran the same workload down every cache path, wrote their files, and agree exactly on what
+does not depend on time.
 """
 import json
 from pathlib import Path
@@ -23,7 +24,10 @@ def test_validate_runs_both_sides_and_reports(tmp_path):
     assert result["real"]["requests"] == result["sim"]["requests"] > 0
     assert result["real"]["tokens"]["generated"] == result["sim"]["tokens"]["generated"]
     rows = {r["metric"]: r for r in result["comparison"]}
-    assert abs(rows["device hit rate"]["error"]) <= 5.0  # percentage points
+    for side in ("real", "sim"):  # both sides went down every cache path (hit rates follow the clock)
+        summary = result[side]
+        assert summary["swap_bytes"]["in"] > 0 and summary["swap_bytes"]["out"] > 0, side
+        assert summary["dropped_chunks"] > 0 and summary["tokens"]["recomputed"] > 0, side
     assert result["replay"]["steps"] == result["real"]["steps"] > 0
     for name in ("validation_errors.png", "step_time_replay.png", "real/summary.json", "real/outputs.jsonl",
                  "real/steps.jsonl", "sim/summary.json"):
