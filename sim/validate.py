@@ -36,7 +36,10 @@ METRICS = [
     ("recomputed tokens", ("tokens", "recomputed"), "relative"),
     ("swap-in bytes", ("swap_bytes", "in"), "relative"),
     ("swap-out bytes", ("swap_bytes", "out"), "relative"),
+    ("suspensions", ("suspensions",), "count"),
 ]
+# Step kinds the replay is broken down by: a step with copies is "with swaps" whatever else it runs.
+STEP_KINDS = ("decode-only", "prefill-only", "mixed", "with swaps")
 
 
 # The gate `validate` applies by default (--max-error): throughput and mean normalized latency,
@@ -88,6 +91,8 @@ def compare_summaries(real: dict, sim: dict) -> list[dict]:
         r, s = _get(real, path), _get(sim, path)
         if kind == "points":
             error = (s - r) * 100
+        elif kind == "count":
+            error = s - r
         else:
             error = (s - r) / r if r else (0.0 if s == 0 else float("inf"))
         rows.append({"metric": label, "real": r, "sim": s, "kind": kind, "error": error})
@@ -107,10 +112,45 @@ def replay_errors(steps: list[dict], cost, chunk_tokens: int) -> dict:
     measured = np.array([s["duration_s"] for s in steps])
     predicted = np.array([cost.step_time_s(plan_of(s), chunk_tokens) for s in steps])
     ape = np.abs(predicted - measured) / np.maximum(measured, 1e-9)
+    kinds = np.array([step_kind(s) for s in steps])
+    by_kind = {}
+    for kind in STEP_KINDS:
+        part = ape[kinds == kind] if len(steps) else ape
+        by_kind[kind] = {"steps": int(len(part)), "median_ape": float(np.median(part)) if len(part) else None,
+                         "p90_ape": float(np.percentile(part, 90)) if len(part) else None}
     return {"steps": len(steps), "median_ape": float(np.median(ape)) if len(ape) else 0.0,
             "p90_ape": float(np.percentile(ape, 90)) if len(ape) else 0.0,
             "measured_total_s": float(measured.sum()), "predicted_total_s": float(predicted.sum()),
-            "_measured": measured.tolist(), "_predicted": predicted.tolist()}
+            "by_kind": by_kind, "_measured": measured.tolist(), "_predicted": predicted.tolist()}
+
+
+def step_kind(record: dict) -> str:
+    """decode-only, prefill-only, mixed (both), or with swaps (any copy, whatever else it runs)."""
+    if record["swap_in"] or record["swap_out"]:
+        return "with swaps"
+    if not record["prefills"]:
+        return "decode-only"
+    return "prefill-only" if not record["decodes"] else "mixed"
+
+
+def per_turn(real: list, sim: list) -> list[dict]:
+    """Per turn index: requests, mean TTFT and mean normalized latency, real against simulated."""
+    def means(requests: list) -> dict[int, tuple[int, float, float]]:
+        by_turn: dict[int, list] = {}
+        for r in requests:
+            by_turn.setdefault(r.turn, []).append(r)
+        return {turn: (len(rs), float(np.mean([r.first_token - r.arrival for r in rs])),
+                       float(np.mean([(r.finish - r.arrival) / max(r.generated, 1) * 1e3 for r in rs])))
+                for turn, rs in by_turn.items()}
+
+    real_means, sim_means = means(real), means(sim)
+    rows = []
+    for turn in sorted(set(real_means) | set(sim_means)):
+        (rn, rt, rl), (sn, st, sl) = real_means.get(turn, (0, 0.0, 0.0)), sim_means.get(turn, (0, 0.0, 0.0))
+        rows.append({"turn": turn, "requests_real": rn, "requests_sim": sn, "ttft_real_s": rt, "ttft_sim_s": st,
+                     "ttft_error": (st - rt) / rt if rt else None, "latency_real_ms": rl, "latency_sim_ms": sl,
+                     "latency_error": (sl - rl) / rl if rl else None})
+    return rows
 
 
 def check_profile_device(profile_device: str, real_device: str, source: str) -> None:
@@ -180,6 +220,7 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
             return stopped
         replay = replay_errors(real.steps, cost, scenario.cache.chunk_tokens)
         result = head | {"comparison": compare_summaries(real.summary, sim.summary), "replay": replay,
+                         "per_turn": per_turn(real.finished, sim.finished),
                          "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
         if speeds:
             factor = float(np.mean([s["factor"] for s in speeds]))
@@ -191,6 +232,7 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
             result["comparison_at_machine_speed"] = compare_summaries(real.summary, adjusted.summary)
             result["replay_at_machine_speed"] = replay_errors(real.steps, scaled, scenario.cache.chunk_tokens)
             result["sim_at_machine_speed"] = adjusted.summary
+            result["per_turn_at_machine_speed"] = per_turn(real.finished, adjusted.finished)
     except KeyboardInterrupt:
         return stopped
     return result
@@ -232,7 +274,7 @@ def _plot(out: Path, result: dict) -> None:
         band = TARGETS.get(r["metric"])
         if band is not None:
             ax.fill_betweenx([i - 0.45, i + 0.45], -band, band, color="tab:green", alpha=0.15, linewidth=0)
-    scale = [100 if r["kind"] == "relative" else 1 for r in rows]
+    scale = [100 if r["kind"] == "relative" else 1 for r in rows]  # counts and points as they are
     adjusted = result.get("comparison_at_machine_speed")
     height = 0.4 if adjusted else 0.8
     ax.barh(y - (height / 2 if adjusted else 0), [r["error"] * s for r, s in zip(rows, scale)], height=height,
@@ -258,7 +300,13 @@ def _plot(out: Path, result: dict) -> None:
     _save(fig, out / "step_time_replay.png")
 
 
+def _relative(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1%}"
+
+
 def _error_text(row: dict) -> str:
+    if row["kind"] == "count":
+        return f"{row['error']:+.0f}"
     return f"{row['error']:+.1%}" if row["kind"] == "relative" else f"{row['error']:+.2f} pt"
 
 
@@ -290,7 +338,16 @@ def validate_command(args) -> int:
     print(format_table(table, columns))
     replay = result["replay"]
     print(f"step-time replay over {replay['steps']} real steps: median error {replay['median_ape']:.1%}, "
-          f"p90 {replay['p90_ape']:.1%}")
+          f"p90 {replay['p90_ape']:.1%}; by kind: " + ", ".join(
+              f"{kind} {part['median_ape']:.1%} ({part['steps']})" for kind, part in replay["by_kind"].items()
+              if part["steps"]))
+    turns = [{**row, "ttft": _relative(row["ttft_error"]), "latency": _relative(row["latency_error"])}
+             for row in result["per_turn"]]
+    print("per turn index (simulated against real):")
+    print(format_table(turns, [("turn", "turn"), ("requests", "requests_real"), ("TTFT real s", "ttft_real_s"),
+                               ("TTFT sim s", "ttft_sim_s"), ("TTFT error", "ttft"),
+                               ("latency real ms", "latency_real_ms"), ("latency sim ms", "latency_sim_ms"),
+                               ("latency error", "latency")]))
     if adjusted:
         speed = result["machine_speed"]
         again = result["replay_at_machine_speed"]

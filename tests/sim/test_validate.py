@@ -36,6 +36,10 @@ def test_validate_runs_both_sides_and_reports(tmp_path):
     assert 0.2 < speed["factor"] < 5 and set(speed["before"]["points"]) == set(speed["after"]["points"])
     assert speed["factor"] == pytest.approx((speed["before"]["factor"] + speed["after"]["factor"]) / 2)
     assert result["verdict"]["max_error"] == 10 and result["verdict"]["passes"]
+    assert sum(row["requests_real"] for row in result["per_turn"]) == result["real"]["requests"]
+    assert [row["turn"] for row in result["per_turn"]][:2] == [0, 1]
+    assert sum(part["steps"] for part in result["replay"]["by_kind"].values()) == result["replay"]["steps"]
+    assert result["replay"]["by_kind"]["with swaps"]["steps"] > 0
     assert result["real"]["arrival_read_late_s"]["max"] >= 0
     adjusted = {r["metric"]: r for r in result["comparison_at_machine_speed"]}
     assert adjusted.keys() == rows.keys()
@@ -71,3 +75,24 @@ def test_the_gate_fails_loudly_and_says_how_the_machine_stood():
     assert verdict(result, 0.5)["passes"]
     [warning] = speed_warnings(result)  # only the probe more than 10% off
     assert "x1.460" in warning and "before" in warning
+
+
+def test_per_turn_errors_and_step_kinds():
+    from types import SimpleNamespace as R
+
+    from sim.validate import per_turn, step_kind
+
+    real = [R(turn=0, arrival=0.0, first_token=1.0, finish=2.0, generated=10),
+            R(turn=0, arrival=0.0, first_token=3.0, finish=4.0, generated=10),
+            R(turn=1, arrival=5.0, first_token=6.0, finish=7.0, generated=20)]
+    sim = [R(turn=0, arrival=0.0, first_token=2.2, finish=3.0, generated=10),
+           R(turn=0, arrival=0.0, first_token=2.2, finish=3.0, generated=10)]
+    rows = per_turn(real, sim)
+    assert [(r["turn"], r["requests_real"], r["requests_sim"]) for r in rows] == [(0, 2, 2), (1, 1, 0)]
+    assert rows[0]["ttft_real_s"] == 2.0 and abs(rows[0]["ttft_error"] - 0.1) < 1e-12
+    assert rows[0]["latency_real_ms"] == 300.0 and rows[0]["latency_sim_ms"] == 300.0
+    step = {"decodes": 3, "prefills": [], "swap_in": 0, "swap_out": 0}
+    assert step_kind(step) == "decode-only"
+    assert step_kind({**step, "prefills": [[[[0, 5]], 5]]}) == "mixed"
+    assert step_kind({**step, "decodes": 0, "prefills": [[[[0, 5]], 5]]}) == "prefill-only"
+    assert step_kind({**step, "swap_out": 2}) == "with swaps"
