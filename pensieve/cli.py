@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 when throughput or mean latency differ by more than this fraction (default "
                         "0.10; written into validation.json with the verdict)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="real runs of the same workload (default 2): their spread per metric is the noise floor "
+                        "the simulator's error is judged against")
     p.add_argument("--no-speed-probe", action="store_true",
                    help="skip timing grid-point steps before and after the real run (the machine-speed "
                         "comparison; ~10 s on a CPU)")

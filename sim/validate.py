@@ -53,6 +53,40 @@ TARGETS = {"throughput (req/s)": 5.0, "norm. latency mean (ms)": 5.0, "norm. lat
 SPEED_WARNING = 0.10
 
 
+def real_spread(summaries: list[dict]) -> list[dict]:
+    """Per metric, how far the real runs of one scenario fall apart: max - min, relative to their mean
+    (points for rates, a count for counts). One run has no spread (None)."""
+    rows = []
+    for label, path, kind in METRICS:
+        values = [_get(s, path) for s in summaries]
+        spread = None
+        if len(values) > 1:
+            width = max(values) - min(values)
+            mean = float(np.mean(values))
+            spread = width * 100 if kind == "points" else width if kind == "count" else \
+                (width / mean if mean else 0.0)
+        rows.append({"metric": label, "kind": kind, "runs": len(values), "values": values, "spread": spread})
+    return rows
+
+
+def metric_verdicts(comparison: list[dict], spread: list[dict]) -> list[dict]:
+    """Per metric: within its target, within the real runs' own spread, or neither."""
+    rows = []
+    for row, noise in zip(comparison, spread):
+        target = TARGETS.get(row["metric"])
+        size = abs(row["error"]) * (100 if row["kind"] == "relative" else 1)
+        noise_size = None if noise["spread"] is None else noise["spread"] * (100 if row["kind"] == "relative" else 1)
+        if target is not None and size <= target:
+            said = "within target"
+        elif noise_size is not None and size <= noise_size:
+            said = "within the real runs' spread"
+        else:
+            said = "neither" if target is not None else "no target"
+        rows.append({"metric": row["metric"], "error": row["error"], "target": target,
+                     "real_spread": noise["spread"], "verdict": said})
+    return rows
+
+
 def verdict(result: dict, max_error: float) -> dict:
     """Whether the gated errors are within `max_error`, plainly and at machine speed (if probed)."""
     def worst(rows: list[dict]) -> float:
@@ -172,8 +206,11 @@ def profiled_threads(cost, device_type: str) -> int | None:
 
 
 def validate(scenario: Scenario, source: str, progress: bool = True, device: str | None = None,
-             speed_probe: bool = True) -> dict:
+             speed_probe: bool = True, repeats: int = 1) -> dict:
     """Run the scenario both ways; the comparison, the replay check and both summaries.
+
+    The real side runs `repeats` times (same seed, same workload): the first run is the one compared
+    and replayed, and the spread of all of them per metric is the real runs' own noise floor.
 
     With `speed_probe` (a measured profile), grid-point steps are timed just before and after the
     real run; their measured / predicted ratio is the machine's speed now against the profile's. The
@@ -208,9 +245,15 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
     real = serve(scenario, workload, loaded, progress=progress, cost_model=cost, threads=threads)
     head = {"scenario": scenario.name, "policy": scenario.cache.policy.type, "device": str(loaded.device),
             "profile": scenario.profile}
-    stopped = head | {"interrupted": True, "real": real.summary, "_real_run": real}
+    stopped = head | {"interrupted": True, "real": real.summary, "_real_run": real, "_more_real_runs": []}
     if real.interrupted:  # keep the real turns that finished; a comparison with a part would mislead
         return stopped
+    more = stopped["_more_real_runs"]
+    for _ in range(repeats - 1):  # Ctrl-C here keeps the whole first run and the repeats that finished
+        again = serve(scenario, workload, loaded, progress=progress, cost_model=cost, threads=threads)
+        if again.interrupted:
+            return stopped
+        more.append(again)
     try:  # Ctrl-C from here on still keeps the whole real run
         if probe:
             with torch_threads(threads):
@@ -220,6 +263,8 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
             return stopped
         replay = replay_errors(real.steps, cost, scenario.cache.chunk_tokens)
         result = head | {"comparison": compare_summaries(real.summary, sim.summary), "replay": replay,
+                         "real_spread": real_spread([real.summary] + [r.summary for r in more]),
+                         "_more_real_runs": more,
                          "per_turn": per_turn(real.finished, sim.finished),
                          "real": real.summary, "sim": sim.summary, "_real_run": real, "_sim_run": sim}
         if speeds:
@@ -246,6 +291,8 @@ def write_validation(out: Path, result: dict, scenario: Scenario) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     write_run(out / "real", scenario, result["_real_run"])
+    for i, again in enumerate(result.get("_more_real_runs", ()), 2):
+        write_run(out / f"real-{i}", scenario, again)
     if result.get("interrupted"):
         public = {k: v for k, v in result.items() if not k.startswith("_")}
         write_text(out / "validation.json", json.dumps(public, indent=2, default=float) + "\n")
@@ -313,13 +360,20 @@ def _error_text(row: dict) -> str:
 def validate_command(args) -> int:
     scenario = load_scenario(args.scenario)
     out = prepare_folder(args.out or Path("results") / f"{scenario.name}-validate", args.force)  # before the work
-    for side in ("real", "sim"):  # each side's results folder, checked the same way (created when written)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    sides = ["real", "sim"] + [f"real-{i}" for i in range(2, args.repeats + 1)]
+    for side in sides:  # each side's results folder, checked the same way (created when written)
         if (out / side).exists():
             prepare_folder(out / side, args.force, option=f"--out {out}: its {side}/ folder")
     result = validate(scenario, args.scenario, progress=not args.quiet, device=args.device,
-                      speed_probe=not args.no_speed_probe)
+                      speed_probe=not args.no_speed_probe, repeats=args.repeats)
     if not result.get("interrupted"):
         result["verdict"] = verdict(result, DEFAULT_MAX_ERROR if args.max_error is None else args.max_error)
+        result["metric_verdicts"] = metric_verdicts(result["comparison"], result["real_spread"])
+        if "comparison_at_machine_speed" in result:
+            result["metric_verdicts_at_machine_speed"] = metric_verdicts(result["comparison_at_machine_speed"],
+                                                                         result["real_spread"])
     write_validation(out, result, scenario)
     if result.get("interrupted"):
         print(f"interrupted: wrote the {result['real']['requests']} real turns that finished to {out}/real/ "
@@ -327,14 +381,20 @@ def validate_command(args) -> int:
         return 130
     adjusted = result.get("comparison_at_machine_speed")
     table = []
+    noise = result["real_spread"]
+    said = result["metric_verdicts"]
     for i, r in enumerate(result["comparison"]):
-        row = {"metric": r["metric"], "real": r["real"], "sim": r["sim"], "error": _error_text(r)}
+        row = {"metric": r["metric"], "real": r["real"], "sim": r["sim"], "error": _error_text(r),
+               "spread": "n/a" if noise[i]["spread"] is None else _error_text({**r, "error": noise[i]["spread"]})[1:],
+               "verdict": said[i]["verdict"]}
         if adjusted:
-            row |= {"sim_speed": adjusted[i]["sim"], "error_speed": _error_text(adjusted[i])}
+            row |= {"sim_speed": adjusted[i]["sim"], "error_speed": _error_text(adjusted[i]),
+                    "verdict_speed": result["metric_verdicts_at_machine_speed"][i]["verdict"]}
         table.append(row)
-    columns = [("metric", "metric"), ("real", "real"), ("sim", "sim"), ("sim vs real", "error")]
+    columns = [("metric", "metric"), ("real", "real"), ("real runs' spread", "spread"), ("sim", "sim"),
+               ("sim vs real", "error"), ("verdict", "verdict")]
     if adjusted:
-        columns += [("sim at machine speed", "sim_speed"), ("vs real", "error_speed")]
+        columns += [("sim at machine speed", "sim_speed"), ("vs real", "error_speed"), ("verdict", "verdict_speed")]
     print(format_table(table, columns))
     replay = result["replay"]
     print(f"step-time replay over {replay['steps']} real steps: median error {replay['median_ape']:.1%}, "

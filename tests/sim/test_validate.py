@@ -19,7 +19,7 @@ SCENARIO = Path(__file__).resolve().parents[2] / "scenarios" / "validate" / "ci-
 def test_validate_runs_both_sides_and_reports(tmp_path):
     out = tmp_path / "v"
     # the machinery, not the fidelity: a gate of 1000% passes whatever this machine's speed
-    assert main(["validate", str(SCENARIO), "--quiet", "--out", str(out), "--max-error", "10"]) == 0
+    assert main(["validate", str(SCENARIO), "--quiet", "--out", str(out), "--max-error", "10", "--repeats", "2"]) == 0
     result = json.loads((out / "validation.json").read_text())
     assert result["real"]["requests"] == result["sim"]["requests"] > 0
     assert result["real"]["tokens"]["generated"] == result["sim"]["tokens"]["generated"]
@@ -36,6 +36,13 @@ def test_validate_runs_both_sides_and_reports(tmp_path):
     assert 0.2 < speed["factor"] < 5 and set(speed["before"]["points"]) == set(speed["after"]["points"])
     assert speed["factor"] == pytest.approx((speed["before"]["factor"] + speed["after"]["factor"]) / 2)
     assert result["verdict"]["max_error"] == 10 and result["verdict"]["passes"]
+    spread = {r["metric"]: r for r in result["real_spread"]}
+    assert spread["throughput (req/s)"]["runs"] == 2 and spread["throughput (req/s)"]["spread"] >= 0
+    assert spread["output tokens/s"]["values"][0] == result["real"]["output_tokens_per_s"]
+    assert {v["verdict"] for v in result["metric_verdicts"]} <= {
+        "within target", "within the real runs' spread", "neither", "no target"}
+    real2 = json.loads((out / "real-2" / "summary.json").read_text())
+    assert real2["requests"] == result["real"]["requests"]  # the same workload, run again
     assert sum(row["requests_real"] for row in result["per_turn"]) == result["real"]["requests"]
     assert [row["turn"] for row in result["per_turn"]][:2] == [0, 1]
     assert sum(part["steps"] for part in result["replay"]["by_kind"].values()) == result["replay"]["steps"]
@@ -96,3 +103,29 @@ def test_per_turn_errors_and_step_kinds():
     assert step_kind({**step, "prefills": [[[[0, 5]], 5]]}) == "mixed"
     assert step_kind({**step, "decodes": 0, "prefills": [[[[0, 5]], 5]]}) == "prefill-only"
     assert step_kind({**step, "swap_out": 2}) == "with swaps"
+
+
+def test_each_metric_is_judged_against_its_target_and_the_real_runs_spread():
+    from sim.validate import metric_verdicts, real_spread
+
+    def summary(throughput: float, device: float) -> dict:
+        base = {"throughput_rps": throughput, "output_tokens_per_s": 1.0,
+                "normalized_latency_ms": {"mean": 1.0, "p50": 1.0, "p90": 1.0}, "ttft_s": {"mean": 1.0, "p90": 1.0},
+                "hit_rate": {"gpu": device, "cpu": 0.0, "miss": 1 - device}, "tokens": {"recomputed": 1.0},
+                "swap_bytes": {"in": 1.0, "out": 1.0}, "suspensions": 0}
+        return base
+
+    spread = real_spread([summary(1.0, 0.50), summary(1.2, 0.52)])
+    rows = {r["metric"]: r for r in spread}
+    assert abs(rows["throughput (req/s)"]["spread"] - 0.2 / 1.1) < 1e-12
+    assert abs(rows["device hit rate"]["spread"] - 2.0) < 1e-9  # points
+    comparison = [{"metric": "throughput (req/s)", "kind": "relative", "error": 0.03},
+                  {"metric": "output tokens/s", "kind": "relative", "error": 0.12},
+                  {"metric": "norm. latency mean (ms)", "kind": "relative", "error": 0.30}]
+    said = [v["verdict"] for v in metric_verdicts(comparison, spread[:3])]
+    assert said == ["within target", "no target", "neither"]
+    comparison[0]["error"] = -0.15  # over the 5% target, but the real runs differ by 18%
+    assert metric_verdicts(comparison, spread[:3])[0]["verdict"] == "within the real runs' spread"
+    comparison[2]["error"] = 0.0  # no spread in latency across these runs, and within target
+    assert metric_verdicts(comparison, spread[:3])[2]["verdict"] == "within target"
+    assert real_spread([summary(1.0, 0.5)])[0]["spread"] is None  # one run has no spread
