@@ -28,6 +28,7 @@ def test_validate_runs_both_sides_and_reports(tmp_path):
         summary = result[side]
         assert summary["swap_bytes"]["in"] > 0 and summary["swap_bytes"]["out"] > 0, side
         assert summary["dropped_chunks"] > 0 and summary["tokens"]["recomputed"] > 0, side
+        assert summary["suspensions"] > 0, side
     assert result["replay"]["steps"] == result["real"]["steps"] > 0
     for name in ("validation_errors.png", "step_time_replay.png", "real/summary.json", "real/outputs.jsonl",
                  "real/steps.jsonl", "sim/summary.json"):
