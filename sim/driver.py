@@ -128,23 +128,34 @@ class _Server:
         self._next_sample = self.env.now + TIMELINE_EVERY_S
 
 
-def _conversation(env: simpy.Environment, server: _Server, conv: Conversation, ids):
-    """A user: sends a turn, waits for the whole answer, thinks, sends the next."""
-    yield env.timeout(conv.start_s)
+def _conversation(env: simpy.Environment, server: _Server, conv: Conversation, ids, send_at=None):
+    """A user: sends a turn, waits for the whole answer, thinks, sends the next. With `send_at`
+    ((conversation, turn) -> seconds), each turn is sent at that time instead (open loop), or as
+    soon as the previous answer is whole if that comes later (a conversation has one turn open)."""
+    yield env.timeout(conv.start_s if send_at is None else send_at[(conv.id, 0)])
     for i, turn in enumerate(conv.turns):
-        if i and turn.think_s:
+        if send_at is not None:
+            if i and send_at[(conv.id, i)] > env.now:
+                yield env.timeout(send_at[(conv.id, i)] - env.now)
+        elif i and turn.think_s:
             yield env.timeout(turn.think_s)
         request = Request(next(ids), conv.id, i, env.now, turn.prompt_tokens, turn.output_tokens)
         yield server.submit(request)
 
 
 def simulate(scenario: Scenario, workload: Workload, cost: CostModel, progress: bool = True,
-             until_s: float = math.inf, chain_steps: bool = True) -> SimRun:
+             until_s: float = math.inf, chain_steps: bool = True, send_at: dict | None = None) -> SimRun:
     """Replay `workload` through the scenario's core on simulated time. Ctrl-C keeps what finished.
 
     `chain_steps=False` gives every step its own SimPy event: slower, with the same results (a test
-    holds the fast path to that).
+    holds the fast path to that). `send_at` ((conversation, turn) -> seconds, every turn of the
+    workload) sends turns at given times (open loop: a real run's send times) rather than a think
+    time after the simulated answer (closed loop).
     """
+    if send_at is not None:
+        missing = [(c.id, i) for c in workload.conversations for i in range(len(c.turns)) if (c.id, i) not in send_at]
+        if missing:
+            raise ValueError(f"send_at has no time for {len(missing)} turns, e.g. {missing[0]}")
     sched = build_scheduler(scenario, cost)
     env = simpy.Environment()
     bar = tqdm(total=workload.requests, desc=f"simulate {scenario.cache.policy.type}", unit="req",
@@ -152,7 +163,7 @@ def simulate(scenario: Scenario, workload: Workload, cost: CostModel, progress: 
     server = _Server(env, sched, cost, bar, chain_steps)
     ids = iter(range(10**12))
     for conv in workload.conversations:
-        env.process(_conversation(env, server, conv, ids))
+        env.process(_conversation(env, server, conv, ids, send_at))
     env.process(server.run())
     wall = time.perf_counter()
     interrupted = False

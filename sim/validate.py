@@ -278,6 +278,16 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
             result["replay_at_machine_speed"] = replay_errors(real.steps, scaled, scenario.cache.chunk_tokens)
             result["sim_at_machine_speed"] = adjusted.summary
             result["per_turn_at_machine_speed"] = per_turn(real.finished, adjusted.finished)
+        # Open loop: every turn sent when the real run sent it, so a gap left in cache behaviour is
+        # the cache model's, not a slower or faster clock's (at machine speed when probed).
+        clock = ScaledCostModel(cost, result["machine_speed"]["factor"]) if speeds else cost
+        opened = simulate(scenario, workload, clock, progress=progress,
+                          send_at={(r.conversation_id, r.turn): r.arrival for r in real.finished})
+        if opened.interrupted:
+            return stopped
+        result["open_loop"] = {"machine_speed_factor": result["machine_speed"]["factor"] if speeds else 1.0,
+                               "comparison": compare_summaries(real.summary, opened.summary),
+                               "sim": opened.summary}
     except KeyboardInterrupt:
         return stopped
     return result
@@ -401,6 +411,11 @@ def validate_command(args) -> int:
           f"p90 {replay['p90_ape']:.1%}; by kind: " + ", ".join(
               f"{kind} {part['median_ape']:.1%} ({part['steps']})" for kind, part in replay["by_kind"].items()
               if part["steps"]))
+    opened = result["open_loop"]
+    cache_rows = {r["metric"]: _error_text(r) for r in opened["comparison"]
+                  if r["metric"] in ("device hit rate", "host hit rate", "miss rate", "swap-in bytes", "suspensions")}
+    print(f"open loop (turns sent at the real run's send times, clock x{opened['machine_speed_factor']:.3f}): "
+          + ", ".join(f"{metric} {error}" for metric, error in cache_rows.items()))
     turns = [{**row, "ttft": _relative(row["ttft_error"]), "latency": _relative(row["latency_error"])}
              for row in result["per_turn"]]
     print("per turn index (simulated against real):")

@@ -158,3 +158,22 @@ def test_simulate_command_writes_the_finished_turns_on_ctrl_c(tmp_path, monkeypa
     assert summary["interrupted"] and summary["requests"] > 0
     rows = (tmp_path / "out" / "requests.csv").read_text().strip().splitlines()
     assert len(rows) == summary["requests"] + 1  # header
+
+
+def test_open_loop_at_the_closed_loops_own_send_times_gives_the_same_run():
+    """Sending each turn when the closed-loop run sent it reproduces that run: the same turns
+    admitted the same way, the same hits, and the same times up to float rounding."""
+    scenario = parse_scenario(BASE)
+    workload = build_workload(scenario.workload, rng_for(scenario))
+    closed = simulate(scenario, workload, AffineCost(), progress=False)
+    send_at = {(r.conversation_id, r.turn): r.arrival for r in closed.finished}
+    opened = simulate(scenario, workload, AffineCost(), progress=False, send_at=send_at)
+    assert opened.summary["hit_rate"] == closed.summary["hit_rate"]
+    assert opened.summary["tokens"] == closed.summary["tokens"]
+    assert opened.summary["requests"] == closed.summary["requests"]
+    assert abs(opened.summary["normalized_latency_ms"]["mean"] - closed.summary["normalized_latency_ms"]["mean"]) \
+        < 1e-6 * closed.summary["normalized_latency_ms"]["mean"]
+    later = {key: t + 5.0 for key, t in send_at.items()}  # every turn 5 s later: a different run
+    shifted = simulate(scenario, workload, AffineCost(), progress=False, send_at=later)
+    assert shifted.summary["requests"] == closed.summary["requests"]
+    assert min(r.arrival for r in shifted.finished) >= 5.0

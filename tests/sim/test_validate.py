@@ -42,6 +42,9 @@ def test_validate_runs_both_sides_and_reports(tmp_path):
     assert spread["output tokens/s"]["values"][0] == result["real"]["output_tokens_per_s"]
     assert {v["verdict"] for v in result["metric_verdicts"]} <= {
         "within target", "within the real runs' spread", "neither", "no target"}
+    opened = result["open_loop"]
+    assert opened["sim"]["requests"] == result["real"]["requests"]
+    assert opened["machine_speed_factor"] == result["machine_speed"]["factor"]
     real2 = json.loads((out / "real-2" / "summary.json").read_text())
     assert real2["requests"] == result["real"]["requests"]  # the same workload, run again
     assert sum(row["requests_real"] for row in result["per_turn"]) == result["real"]["requests"]
