@@ -18,7 +18,7 @@ RESULT_FILES = (
     "summary.json", "requests.csv", "scenario.yaml", "timeline.csv", "outputs.jsonl", "steps.jsonl",
     "sweep.csv", "summaries.json", "throughput_at_target.json", "validation.json",
     "hit_rates.png", "occupancy.png", "ttft_by_turn.png", "latency_vs_throughput.png", "hit_rates_by_policy.png",
-    "validation_errors.png",
+    "validation_errors.png", "step_time_replay.png",
 )
 
 
@@ -26,13 +26,20 @@ class OutputError(ValueError):
     """A results path that cannot be used; the message names it and says what to do."""
 
 
-def prepare_folder(folder: str | Path, force: bool = False, option: str = "--out") -> Path:
-    """The results folder, created and checked writable; refuses to mix with an earlier run's results."""
+def prepare_folder(folder: str | Path, force: bool = False, option: str = "--out",
+                   inputs: tuple[str | Path, ...] = ()) -> Path:
+    """The results folder, created and checked writable; refuses to mix with an earlier run's results,
+    and to hold one of the command's `inputs` under a name a result would replace."""
     folder = Path(folder)
+    for given in inputs:
+        path = Path(given)
+        if path.name in RESULT_FILES and path.resolve().parent == folder.resolve():
+            raise OutputError(f"{option} {folder}: holds {path.name}, the command's own input, which the "
+                              "results would replace; choose another folder")
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{option} {folder}: is a file, not a folder; give a folder for the results")
     existing = [name for name in RESULT_FILES if (folder / name).exists()]
-    existing += [p.name for p in folder.glob("*/summary.json")] if folder.is_dir() else []
+    existing += [f"{p.parent.name}/summary.json" for p in folder.glob("*/summary.json")] if folder.is_dir() else []
     if existing and not force:
         raise OutputError(f"{option} {folder}: already holds results ({', '.join(sorted(existing)[:4])}"
                           f"{', ...' if len(existing) > 4 else ''}); pass --force to replace them, or choose "
@@ -64,12 +71,19 @@ def check_new_file(path: str | Path, force: bool = False, option: str = "--out")
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(target: str | Path):
     """Yield a temporary path beside `target`; on success rename it to `target`, else remove it."""
     target = Path(target)
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part" + target.suffix)
     os.close(fd)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it owner-only; results are as readable as any file
     try:
         yield Path(temporary)
         os.replace(temporary, target)

@@ -150,9 +150,15 @@ class PlotWorker:
 
     def close(self) -> None:
         if self._process is not None:
-            self._conn.send(None)
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass  # the worker is gone already
             self._conn.close()
             self._process.join(timeout=10)
+            if self._process.is_alive():  # still drawing after a second interrupt: end it
+                self._process.terminate()
+                self._process.join(timeout=5)
             self._process = None
 
 

@@ -264,9 +264,12 @@ class Curve:
         self.ys = isotonic_regression(raw).x
         moved = np.flatnonzero(~np.isclose(self.ys, raw, rtol=1e-12, atol=0.0))
         # What the repair changed, for the command to report (None: the medians were already in order).
+        shift = np.abs(self.ys[moved] - raw[moved])
+        largest = f"{float(shift.max()):.3g} s" if len(moved) and np.any(raw[moved] == 0) else \
+            f"{float(np.max(shift / raw[moved])):.1%}" if len(moved) else ""
         self.repair = None if not len(moved) else (
             f"{name or 'a table'}: {len(moved)} of {len(raw)} medians made nondecreasing, the largest moved by "
-            f"{float(np.max(np.abs(self.ys[moved] - raw[moved]) / np.maximum(raw[moved], 1e-30))):.1%}")
+            f"{largest}")
         self.last_slope = float((self.ys[-1] - self.ys[-2]) / (self.xs[-1] - self.xs[-2]))
         self._xs, self._ys = self.xs.tolist(), self.ys.tolist()
 

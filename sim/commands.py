@@ -42,11 +42,17 @@ def require_profile(scenario, source: str, cost) -> None:
                                                "`pensieve profile --analytical GPU`")
 
 
+def report_repairs(scenario, cost) -> None:
+    """Say which of the profile's tables were made nondecreasing on loading, and by how much."""
+    for repair in getattr(cost, "repairs", ()):
+        print(f"profile {scenario.profile}: {repair}")
+
+
 def simulate_command(args) -> int:
     scenario = load_scenario(args.scenario)
     if args.seed is not None:
         scenario = scenario.model_copy(update={"seed": args.seed})
-    out = prepare_folder(args.out or Path("results") / scenario.name, args.force)  # before any work
+    out = prepare_folder(args.out or Path("results") / scenario.name, args.force, inputs=(args.scenario,))
     plots = PlotWorker()  # started first: matplotlib loads there while the profile loads here
     try:
         workload = build_workload(scenario.workload, rng_for(scenario))
@@ -54,8 +60,7 @@ def simulate_command(args) -> int:
             print(f"skipped: {problem}")
         cost = build_cost_model(scenario, args.scenario)
         require_profile(scenario, args.scenario, cost)
-        for repair in getattr(cost, "repairs", ()):
-            print(f"profile {scenario.profile}: {repair}")
+        report_repairs(scenario, cost)
         _check_feasible(scenario, workload, args.scenario, cost)
         run = simulate(scenario, workload, cost, progress=not args.quiet)
         rows = request_rows(run.finished)
@@ -73,12 +78,15 @@ def simulate_command(args) -> int:
 
 def sweep_command(args) -> int:
     scenario = load_scenario(args.scenario)
-    require_profile(scenario, args.scenario, build_cost_model(scenario, args.scenario))
+    cost = build_cost_model(scenario, args.scenario)
+    require_profile(scenario, args.scenario, cost)
+    report_repairs(scenario, cost)
     target = args.target or scenario.latency_target_ms
     if args.search and not target:
         raise ValueError(f"{args.scenario}: --search needs a latency target (--target or latency_target_ms)")
     points = expand_sweep(scenario, args.scenario)
-    out = prepare_folder(args.out or Path("results") / f"{scenario.name}-sweep", args.force)  # before any work
+    out = prepare_folder(args.out or Path("results") / f"{scenario.name}-sweep", args.force,
+                         inputs=(args.scenario,))  # before any work
     jobs = args.jobs or os.cpu_count() or 1
     rows: list[dict] = []  # finished points only, in the sweep's order
     interrupted = False
@@ -102,7 +110,14 @@ def sweep_command(args) -> int:
         print(f"results: {out}/ ({len(rows)} of {len(points)} points)")
         return 130
     if args.search:
-        results = _search(scenario, args, points, target, jobs)
+        try:
+            results = _search(scenario, args, points, target, jobs)
+        except SearchInterrupted as stop:
+            write_text(out / "throughput_at_target.json",
+                       json.dumps({**stop.results, "interrupted": True}, indent=1, default=str))
+            print(f"interrupted: wrote the search of {len(stop.results)} of {stop.total} policies that finished "
+                  f"to {out}/throughput_at_target.json (the sweep's points are in sweep.csv)")
+            return 130
         write_text(out / "throughput_at_target.json", json.dumps(results, indent=1, default=str))
         print(f"\nthroughput at {target} ms/token ({args.metric} normalized latency):")
         for policy, best in results.items():
@@ -117,12 +132,35 @@ def _search(scenario, args, points, target: float, jobs: int) -> dict:
     by_policy = {}
     for _, point in points:
         by_policy.setdefault(point.cache.policy.type, point)
-    with worker_pool(max(1, min(jobs, len(by_policy)))) as pool:
-        futures = {p: pool.submit(throughput_at_target, s, args.scenario, target, 6, args.metric)
-                   for p, s in by_policy.items()}
-        found = {p: f.result() for p, f in futures.items()}
-    return {p: ({k: v for k, v in r["best"].items() if k != "summary"} if r["best"] else None)
-            for p, r in found.items()}
+    found: dict = {}
+    try:
+        with worker_pool(max(1, min(jobs, len(by_policy)))) as pool:
+            futures = {p: pool.submit(throughput_at_target, s, args.scenario, target, 6, args.metric)
+                       for p, s in by_policy.items()}
+            try:
+                for p, f in futures.items():
+                    found[p] = f.result()
+            except KeyboardInterrupt:  # keep the searches that had finished, in any order
+                for p, f in futures.items():
+                    if p not in found and f.done() and not f.cancelled() and f.exception() is None:
+                        found[p] = f.result()
+                raise
+    except KeyboardInterrupt:
+        searched = {p: _best(r) for p, r in found.items()}
+        raise SearchInterrupted(searched, len(by_policy)) from None
+    return {p: _best(r) for p, r in found.items()}
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """An interrupted --search, with the policies whose search had finished."""
+
+    def __init__(self, results: dict, total: int) -> None:
+        super().__init__()
+        self.results, self.total = results, total
+
+
+def _best(found: dict) -> dict | None:
+    return {k: v for k, v in found["best"].items() if k != "summary"} if found["best"] else None
 
 
 def workload_command(args) -> int:

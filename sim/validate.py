@@ -182,8 +182,8 @@ def per_turn(real: list, sim: list) -> list[dict]:
     for turn in sorted(set(real_means) | set(sim_means)):
         (rn, rt, rl), (sn, st, sl) = real_means.get(turn, (0, 0.0, 0.0)), sim_means.get(turn, (0, 0.0, 0.0))
         rows.append({"turn": turn, "requests_real": rn, "requests_sim": sn, "ttft_real_s": rt, "ttft_sim_s": st,
-                     "ttft_error": (st - rt) / rt if rt else None, "latency_real_ms": rl, "latency_sim_ms": sl,
-                     "latency_error": (sl - rl) / rl if rl else None})
+                     "ttft_error": (st - rt) / rt if rn and sn and rt else None, "latency_real_ms": rl,
+                     "latency_sim_ms": sl, "latency_error": (sl - rl) / rl if rn and sn and rl else None})
     return rows
 
 
@@ -249,12 +249,12 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
     if real.interrupted:  # keep the real turns that finished; a comparison with a part would mislead
         return stopped
     more = stopped["_more_real_runs"]
-    for _ in range(repeats - 1):  # Ctrl-C here keeps the whole first run and the repeats that finished
-        again = serve(scenario, workload, loaded, progress=progress, cost_model=cost, threads=threads)
-        if again.interrupted:
-            return stopped
-        more.append(again)
-    try:  # Ctrl-C from here on still keeps the whole real run
+    try:  # Ctrl-C from here on still keeps the whole first real run (and the repeats that finished)
+        for _ in range(repeats - 1):
+            again = serve(scenario, workload, loaded, progress=progress, cost_model=cost, threads=threads)
+            if again.interrupted:
+                return stopped
+            more.append(again)
         if probe:
             with torch_threads(threads):
                 speeds.append(machine_speed(profile, loaded))
@@ -369,10 +369,12 @@ def _error_text(row: dict) -> str:
 
 def validate_command(args) -> int:
     scenario = load_scenario(args.scenario)
-    out = prepare_folder(args.out or Path("results") / f"{scenario.name}-validate", args.force)  # before the work
+    out = prepare_folder(args.out or Path("results") / f"{scenario.name}-validate", args.force,
+                         inputs=(args.scenario,))  # before the work
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    sides = ["real", "sim"] + [f"real-{i}" for i in range(2, args.repeats + 1)]
+    sides = ["real", "sim"] + sorted({f"real-{i}" for i in range(2, args.repeats + 1)}
+                                     | {p.name for p in out.glob("real-*") if p.is_dir()})  # stale repeats too
     for side in sides:  # each side's results folder, checked the same way (created when written)
         if (out / side).exists():
             prepare_folder(out / side, args.force, option=f"--out {out}: its {side}/ folder")
@@ -419,7 +421,8 @@ def validate_command(args) -> int:
     turns = [{**row, "ttft": _relative(row["ttft_error"]), "latency": _relative(row["latency_error"])}
              for row in result["per_turn"]]
     print("per turn index (simulated against real):")
-    print(format_table(turns, [("turn", "turn"), ("requests", "requests_real"), ("TTFT real s", "ttft_real_s"),
+    print(format_table(turns, [("turn", "turn"), ("requests real", "requests_real"), ("sim", "requests_sim"),
+                               ("TTFT real s", "ttft_real_s"),
                                ("TTFT sim s", "ttft_sim_s"), ("TTFT error", "ttft"),
                                ("latency real ms", "latency_real_ms"), ("latency sim ms", "latency_sim_ms"),
                                ("latency error", "latency")]))

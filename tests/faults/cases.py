@@ -97,6 +97,13 @@ def _sweep_kept(tmp: Path, output: str) -> None:
 SWEEP = {"sweep": {"workload.conversations": [20, 60000]}}
 
 
+def _search_kept(tmp: Path, output: str) -> None:
+    """The sweep's points finished; the search was cut short and says so in its file."""
+    assert json.loads((tmp / "sw" / "summaries.json").read_text()), "the sweep's finished points are kept"
+    found = json.loads((tmp / "sw" / "throughput_at_target.json").read_text())
+    assert found["interrupted"] is True
+
+
 def _old_files_untouched(tmp: Path, output: str) -> None:
     assert (tmp / "out" / "summary.json").read_text() == "old", "an earlier run's results were overwritten"
 
@@ -184,6 +191,11 @@ def cases() -> list[Case]:
              files={"s.yaml": real_scenario()}, signal="SIGTERM", after_s=8.0, check=_run_kept),
         Case("disk-full", "data lost", sim, "error", ("File too large",), files={"s.yaml": scenario()},
              file_bytes=2000, check=_no_partial_files),
+        Case("sigterm-search", "data lost",
+             ["sweep", "{tmp}/s.yaml", "--jobs", "2", "--search", "--target", "100", "--out", "{tmp}/sw"], "kept",
+             files={"s.yaml": long_scenario(sweep={"cache.policy": ["pensieve", "lru"]},
+                                            **{"workload.conversations": 6000})},
+             signal="SIGTERM", after_s=8.0, group=True, check=_search_kept),
         Case("out-is-a-file", "data lost", sim, "error", ("is a file",), files={"s.yaml": scenario(), "out": "x"}),
         Case("out-holds-results", "data lost", sim, "error", ("already holds results", "--force"),
              files={"s.yaml": scenario(), "out/summary.json": "old"}, check=_old_files_untouched),

@@ -323,3 +323,13 @@ def test_decode_only_steps_cost_what_the_general_path_computes_to_the_bit(cm):
         p = plan([rng.randrange(1, 16000) for _ in range(rng.randrange(1, 300))])
         general = cm.compute_s(p)  # no copies: the step is its compute
         assert cm.step_time_s(p, CHUNK) == general
+
+
+def test_a_repaired_table_says_how_much_it_moved_in_seconds_where_a_median_was_zero():
+    import numpy as np
+
+    from pensieve.profile import Curve
+
+    curve = Curve(np.array([1.0, 2.0, 3.0]), np.array([0.001, 0.0, 0.002]), name="non_attention_s")
+    assert curve.repair.startswith("non_attention_s: 2 of 3 medians made nondecreasing, the largest moved by 0.0005 s")
+    assert Curve(np.array([1.0, 2.0]), np.array([0.001, 0.002])).repair is None

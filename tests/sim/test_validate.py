@@ -100,6 +100,7 @@ def test_per_turn_errors_and_step_kinds():
            R(turn=0, arrival=0.0, first_token=2.2, finish=3.0, generated=10)]
     rows = per_turn(real, sim)
     assert [(r["turn"], r["requests_real"], r["requests_sim"]) for r in rows] == [(0, 2, 2), (1, 1, 0)]
+    assert rows[1]["ttft_error"] is None and rows[1]["latency_error"] is None  # no simulated turn 1 to compare
     assert rows[0]["ttft_real_s"] == 2.0 and abs(rows[0]["ttft_error"] - 0.1) < 1e-12
     assert rows[0]["latency_real_ms"] == 300.0 and rows[0]["latency_sim_ms"] == 300.0
     step = {"decodes": 3, "prefills": [], "swap_in": 0, "swap_out": 0}
