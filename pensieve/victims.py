@@ -94,37 +94,45 @@ class VictimIndex:
         assert self.member_ids() == expected, (self.region, self.member_ids() ^ expected)
         assert len(self) == len(expected), (self.region, len(self), len(expected))
 
-    def _merge(self, heads: list[tuple], now: float, count: int, more=None) -> list[list]:
-        """Pop `count` victims from a heap of heads `(score, released, position, conversation, source)`.
-
-        After a pop, the conversation's next chunk joins the heap (its score is at least the
-        popped one's), and `more(source)` may give the next head of the popped head's source.
-        """
-        score, index, end = self.policy.score, self.order.index, self.region.end
+    def _merge(self, heads: list[tuple], now: float, count: int, groups: dict | None = None,
+               convs: dict | None = None) -> list[list]:
+        """Pop `count` victims from a heap of heads `(score, release number, conversation, idle time,
+        position, group key, place)`. After a pop, the conversation's next chunk joins the heap (its
+        score is at least the popped one's), and a group's head (place >= 0 in `groups[key]`, release
+        numbers resolved by `convs`) brings in the group's next member. The release number is unique
+        among entries, so comparisons never reach the conversation."""
+        score, index, first, end = self.policy.score, self.order.index, self.region.first, self.region.end
         whole = self.whole
         heapq.heapify(heads)
+        heappush, heapreplace, heappop = heapq.heappush, heapq.heapreplace, heapq.heappop
         runs: dict[int, list] = {}  # release number -> [conversation, victims so far]
         while count > 0 and heads:
-            _, released, position, conv, source = heads[0]
+            _, released, conv, idle, position, key, place = heads[0]
             run = runs.get(released)
             if run is not None:
                 run[1] += 1
                 count -= 1
-            else:
-                taken = end(conv) - position if whole else 1
+            elif whole:
+                taken = end(conv) - position
                 runs[released] = [conv, taken]
                 count -= taken
+            else:
+                runs[released] = [conv, 1]
+                count -= 1
             following = position + 1
             if not whole and following < end(conv):
-                idle = now - conv.last_active
-                heapq.heapreplace(heads, (score(index(len(conv.dev), following), idle), released, following, conv,
-                                          None))
+                heapreplace(heads, (score(index(len(conv.dev), following), idle), released, conv, idle, following,
+                                    key, -1))
             else:
-                heapq.heappop(heads)
-            if source is not None and more is not None:
-                head = more(source, now)
-                if head is not None:
-                    heapq.heappush(heads, head)
+                heappop(heads)
+            if place >= 0:
+                group = groups[key]
+                place += 1
+                if place < len(group):
+                    released = group[place]
+                    conv = convs[released]
+                    idle = now - conv.last_active
+                    heappush(heads, (score(key, idle), released, conv, idle, first(conv), key, place))
         return list(runs.values())
 
 
@@ -232,54 +240,16 @@ class RetentionIndex(VictimIndex):
             del group[bisect.bisect_left(group, released)]
 
     def take(self, now: float, count: int) -> list[list]:
-        """`_merge` specialised for groups: a heap of group heads, where popping a conversation's head
-        brings in its next chunk and, for a group head, the group's next member. (Inline, since
-        this is the hot path of eviction: a heap entry is (score, release number, conversation,
-        idle time, position, group key, place in the group or -1 for a continuation); the release
-        number is unique among entries, so comparisons never reach the conversation.)"""
         if count <= 0 or not self._groups:
             return []
-        score, convs, groups = self.policy.score, self._convs, self._groups
-        first, end = self.region.first, self.region.end
-        index, whole = self.order.index, self.whole
+        score, convs, first = self.policy.score, self._convs, self.region.first
         heads = []
-        for key, group in groups.items():
+        for key, group in self._groups.items():  # each group's head; the merge brings in the rest
             released = group[0]
             conv = convs[released]
             idle = now - conv.last_active
             heads.append((score(key, idle), released, conv, idle, first(conv), key, 0))
-        heapq.heapify(heads)
-        heappush, heapreplace, heappop = heapq.heappush, heapq.heapreplace, heapq.heappop
-        runs: dict[int, list] = {}  # release number -> [conversation, victims so far]
-        while count > 0 and heads:
-            _, released, conv, idle, position, key, place = heads[0]
-            run = runs.get(released)
-            if run is not None:
-                run[1] += 1
-                count -= 1
-            elif whole:
-                taken = end(conv) - position
-                runs[released] = [conv, taken]
-                count -= taken
-            else:
-                runs[released] = [conv, 1]
-                count -= 1
-            following = position + 1
-            n = len(conv.dev)
-            if not whole and following < end(conv):
-                heapreplace(heads, (score(index(n, following), idle), released, conv, idle,
-                                    following, key, -1))
-            else:
-                heappop(heads)
-            if place >= 0:
-                group = groups[key]
-                place += 1
-                if place < len(group):
-                    released = group[place]
-                    conv = convs[released]
-                    idle = now - conv.last_active
-                    heappush(heads, (score(key, idle), released, conv, idle, first(conv), key, place))
-        return list(runs.values())
+        return self._merge(heads, now, count, self._groups, convs)
 
     def __len__(self) -> int:
         return len(self._convs)
@@ -316,9 +286,8 @@ class ScanIndex(VictimIndex):
         score, index, first = self.policy.score, self.order.index, self.region.first
         heads = []
         for conv in self._members.values():
-            position = first(conv)
-            heads.append((score(index(len(conv.dev), position), now - conv.last_active), conv.released, position,
-                          conv, None))
+            position, idle = first(conv), now - conv.last_active
+            heads.append((score(index(len(conv.dev), position), idle), conv.released, conv, idle, position, None, -1))
         return self._merge(heads, now, count)
 
     def __len__(self) -> int:
