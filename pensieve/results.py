@@ -71,6 +71,16 @@ def summarize(finished: list[Request], mode: str, policy: str, wall_s: float, sw
     return summary
 
 
+def normalized_latency_ms(r: Request) -> float:
+    """A finished turn's latency per generated token (the paper's metric), in ms."""
+    return (r.finish - r.arrival) / max(r.generated, 1) * 1e3
+
+
+def ttft_s(r: Request) -> float:
+    """Seconds from a turn's arrival to its first generated token."""
+    return r.first_token - r.arrival
+
+
 def request_rows(finished: list[Request]) -> list[dict]:
     rows = []
     for r in sorted(finished, key=lambda r: r.id):
@@ -83,8 +93,7 @@ def request_rows(finished: list[Request]) -> list[dict]:
             "cpu_hit_tokens": r.cpu_hit_tokens, "recomputed_tokens": r.recomputed_tokens,
             "new_prompt_tokens": r.new_prompt_tokens, "swap_in_chunks": r.swap_in_chunks,
             "suspensions": r.suspensions,
-            "normalized_latency_ms": (r.finish - r.arrival) / max(r.generated, 1) * 1e3,
-            "ttft_s": r.first_token - r.arrival,
+            "normalized_latency_ms": normalized_latency_ms(r), "ttft_s": ttft_s(r),
         })
     return rows
 

@@ -16,7 +16,7 @@ from pensieve.core import build_cost_model, rng_for
 from pensieve.cost import ScaledCostModel
 from pensieve.plan import PrefillItem, StepPlan
 from pensieve.outputs import prepare_folder
-from pensieve.results import format_table, write_text
+from pensieve.results import format_table, normalized_latency_ms, ttft_s, write_text
 from pensieve.workload import build_workload, scale_think_times
 
 from .driver import simulate
@@ -173,8 +173,8 @@ def per_turn(real: list, sim: list) -> list[dict]:
         by_turn: dict[int, list] = {}
         for r in requests:
             by_turn.setdefault(r.turn, []).append(r)
-        return {turn: (len(rs), float(np.mean([r.first_token - r.arrival for r in rs])),
-                       float(np.mean([(r.finish - r.arrival) / max(r.generated, 1) * 1e3 for r in rs])))
+        return {turn: (len(rs), float(np.mean([ttft_s(r) for r in rs])),
+                       float(np.mean([normalized_latency_ms(r) for r in rs])))
                 for turn, rs in by_turn.items()}
 
     real_means, sim_means = means(real), means(sim)
@@ -361,10 +361,11 @@ def _relative(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.1%}"
 
 
-def _error_text(row: dict) -> str:
+def _error_text(row: dict, signed: bool = True) -> str:
+    sign = "+" if signed else ""
     if row["kind"] == "count":
-        return f"{row['error']:+.0f}"
-    return f"{row['error']:+.1%}" if row["kind"] == "relative" else f"{row['error']:+.2f} pt"
+        return f"{row['error']:{sign}.0f}"
+    return f"{row['error']:{sign}.1%}" if row["kind"] == "relative" else f"{row['error']:{sign}.2f} pt"
 
 
 def validate_command(args) -> int:
@@ -397,7 +398,7 @@ def validate_command(args) -> int:
     said = result["metric_verdicts"]
     for i, r in enumerate(result["comparison"]):
         row = {"metric": r["metric"], "real": r["real"], "sim": r["sim"], "error": _error_text(r),
-               "spread": "n/a" if noise[i]["spread"] is None else _error_text({**r, "error": noise[i]["spread"]})[1:],
+               "spread": "n/a" if noise[i]["spread"] is None else _error_text({**r, "error": noise[i]["spread"]}, signed=False),
                "verdict": said[i]["verdict"]}
         if adjusted:
             row |= {"sim_speed": adjusted[i]["sim"], "error_speed": _error_text(adjusted[i]),
