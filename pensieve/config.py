@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .cache import SWAP_OUT_BATCH
 from .models import ARCHITECTURES, DEFAULT_MODEL, DTYPE_BYTES, PRESETS, ModelSpec
 from .policies import policy_class
+from .textfiles import NotUtf8, read_utf8
 from .tiers import MAX_SLOTS
 
 
@@ -268,9 +269,6 @@ def expand_sweep(scenario: Scenario, source: str = "<scenario>") -> list[tuple[d
 
     base = scenario.model_dump(exclude={"sweep"})
     axes = list(scenario.sweep.items())
-    for key, values in axes:
-        if not isinstance(values, list) or not values:
-            raise ScenarioError(source, f"sweep.{key}", f"an axis is a non-empty list of values, got {values!r}")
     points = []
     for values in itertools.product(*(v for _, v in axes)):
         data = json.loads(json.dumps(base))
@@ -286,12 +284,11 @@ def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario YAML file; paths in it are resolved against its location."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_utf8(path)
     except OSError as exc:
         raise ScenarioError(str(path), "", f"cannot be read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ScenarioError(str(path), "", f"is not UTF-8 text (byte {exc.start}: "
-                                           f"{exc.object[exc.start:exc.start + 1]!r})") from None
+    except NotUtf8 as exc:
+        raise ScenarioError(str(path), "", str(exc)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -18,6 +18,7 @@ from scipy.optimize import isotonic_regression, nnls
 from .cost import CostModel
 from .models import DTYPE_BYTES, ModelSpec
 from .results import write_text
+from .textfiles import NotUtf8, read_utf8
 
 FORMAT = 1
 SOURCES = ("measured", "analytical")
@@ -200,12 +201,11 @@ def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile YAML file."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_utf8(path)
     except OSError as err:
         raise ProfileError(f"profile {path}: cannot read it ({err.strerror or err})") from err
-    except UnicodeDecodeError as err:
-        raise ProfileError(f"profile {path}: is not UTF-8 text (byte {err.start}: "
-                           f"{err.object[err.start:err.start + 1]!r})") from None
+    except NotUtf8 as err:
+        raise ProfileError(f"profile {path}: {err}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

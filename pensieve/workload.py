@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .outputs import atomic_open
+from .textfiles import NotUtf8, read_utf8
 
 # Table 2 of the paper (§6.1): mean turns per conversation, new input and output tokens per request.
 PRESETS = {
@@ -180,7 +181,7 @@ def load_trace(path: Path, max_context: int) -> Workload:
     workload's `skipped` notes.
     """
     rows: dict[str, dict[int, tuple[int, Turn, float | None]]] = {}
-    lines = read_text(path, WorkloadError).splitlines()
+    lines = _read_text(path).splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -223,14 +224,14 @@ def load_trace(path: Path, max_context: int) -> Workload:
     return Workload(convs, notes)
 
 
-def read_text(path: Path, error: type[Exception]) -> str:
-    """A UTF-8 text file; `error` names the file and why it cannot be read (the byte, if not UTF-8)."""
+def _read_text(path: Path) -> str:
+    """A workload file's UTF-8 text; a WorkloadError names the file and why it cannot be read."""
     try:
-        return Path(path).read_bytes().decode("utf-8")
+        return read_utf8(path)
     except OSError as exc:
-        raise error(f"{path}: cannot be read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise error(f"{path}: is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r})") from None
+        raise WorkloadError(f"{path}: cannot be read: {exc.strerror}") from None
+    except NotUtf8 as exc:
+        raise WorkloadError(f"{path}: {exc}") from None
 
 
 def count_tokens(text: str, tokenizer=None) -> int:
@@ -248,7 +249,7 @@ def load_sharegpt(path: Path, rng: np.random.Generator, rate: float, think: str,
     its position and skipped, or refused (`on_error: refuse`).
     """
     try:
-        data = json.loads(read_text(path, WorkloadError))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise WorkloadError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, list):
