@@ -235,7 +235,8 @@ def run_command(args) -> int:
     policies = [p for group in (args.policy or [scenario.cache.policy.type]) for p in group.split(",")]
     base = Path(args.out or Path("results") / f"{scenario.name}-real")
     # every results folder checked before the model loads
-    folders = {p: prepare_folder(base / p if len(policies) > 1 else base, args.force) for p in policies}
+    folders = {p: prepare_folder(base / p if len(policies) > 1 else base, args.force, inputs=(args.scenario,))
+               for p in policies}
     loaded = load_scenario_model(scenario, args.scenario, args.device)
     cost = build_cost_model(scenario, args.scenario)
     rows, status = [], 0
