@@ -36,7 +36,7 @@ from pensieve import analytical
 from pensieve.models import DEFAULT_MODEL, PRESETS, ModelSpec, model_spec
 from pensieve.plan import PrefillItem, StepPlan
 from pensieve.profile import Profile, ProfileCostModel, ProfileError, check_profile_matches, dump_profile
-from pensieve.profile import load_profile
+from pensieve.profile import held_out_errors, load_profile, prefill_points
 
 CHECK_SEED = 1234
 
@@ -48,8 +48,8 @@ def main(args: Any) -> int:
     device = resolve_device(args.device or default_device())
     with _threads(device):
         if args.check:
-            rows = run_check(load_profile(args.check), args, device)
-            print_check(rows)
+            profile = load_profile(args.check)
+            print_check(run_check(profile, args, device), profile)
             return 0
         data = measure_profile(args, device)
     out = Path(args.out or f"profiles/{data['device']}-{_slug(data['model']['name'])}-{data['dtype']}.yaml")
@@ -215,9 +215,10 @@ class Grid:
         kv_budget = _available_bytes(device) // 4 // spec.kv_bytes_per_token  # at most a quarter of free memory
         decode_tokens = min(kv_budget, 4096 if quick else (262144 if cuda else 32768))
         largest = max(queries, default=chunk)
-        # Non-attention is linear in tokens well before the largest prefill row, so on CPU the table stops
-        # there (past it the cost model extrapolates per token); a GPU flattens out later.
-        fresh = _powers(1, largest if quick or not cuda else max(largest, 8192))
+        # Fresh prefills serve the non-attention table and, past the prefill rows, the fresh-prefill diagonal:
+        # whole-history prefills (`stateless`) run up to the largest context, so the full grid measures them
+        # to half of it (on CPU, where 4K takes seconds) or 8K (a GPU, where non-attention flattens out later).
+        fresh = _powers(1, largest if quick else max(largest, 8192 if cuda else kv_lens[-1] // 2))
         return cls(chunk, tuple(kv_lens), tuple(queries), decodes, decode_tokens, tuple(fresh), 3 if quick else 5)
 
     def forwards(self) -> list[Forward]:
@@ -439,8 +440,10 @@ def _profile_dict(loaded: LoadedModel, device: torch.device, grid: Grid, attenti
     for f, samples in attention.items():
         if f.decodes:
             decode_rows[f.decodes][f.kv_len] = _stats(samples)
-        elif f.queries in grid.queries:  # fresh prefills past the rows only serve the non-attention table
+        elif f.queries in grid.queries:
             prefill_rows[f.queries][f.kv_len] = _stats(samples)
+    fresh_past_rows = {f.queries: _stats(s) for f, s in sorted(attention.items(), key=lambda i: i[0].queries)
+                       if not f.decodes and f.queries == f.kv_len and f.queries > max(grid.queries, default=chunk)}
     fresh = {n: non_attention[Forward(n, n)] for n in grid.fresh}
     fresh_median = {n: statistics.median(s) for n, s in fresh.items()}
     # Each extra sequence adds a logits row and per-sequence metadata: n decodes against one n-token sequence,
@@ -473,6 +476,7 @@ def _profile_dict(loaded: LoadedModel, device: torch.device, grid: Grid, attenti
                                   if not f.decodes and f.queries == chunk},
             **({"prefill_attention_s": {q: dict(sorted(row.items())) for q, row in sorted(prefill_rows.items())}}
                if prefill_rows else {}),
+            **({"fresh_prefill_attention_s": fresh_past_rows} if prefill_rows and fresh_past_rows else {}),
             "decode_attention_s": {n: dict(sorted(row.items())) for n, row in sorted(decode_rows.items())},
             "non_attention_s": {n: _stats(s) for n, s in fresh.items()},
             # A difference of two timings: noise can push it below zero, which no cost can be.
@@ -513,6 +517,7 @@ class CheckRow:
     predicted_s: float
     padded_s: float
     anchor: bool = False  # a grid point, measuring the machine's drift since profiling, not the model
+    interpolated_s: float | None = None  # predicted with the interpolated prefill surface (None: no table)
 
     @property
     def error(self) -> float:
@@ -549,9 +554,17 @@ def check_batches(profile: Profile, count: int, seed: int = CHECK_SEED) -> list[
         return [int(min(max(center * rng.uniform(0.7, 1.3), chunk), 0.8 * max_kv))
                 for _ in range(rng.randint(2, max(2, most)))]
 
+    def long() -> tuple[list[tuple[int, int]], int]:
+        """A whole-history prefill past the table's last row, as `stateless` runs them: surfaces extrapolate."""
+        ctx = rng.randrange(max_query + 2 * chunk, max(int(0.5 * max_kv), max_query + 2 * chunk + 1))
+        if rng.random() < 0.5:
+            return [(0, ctx)], ctx
+        kept, prompt = chunk * rng.randint(1, 4), rng.randrange(chunk // 2 + 1, chunk * 2)  # most history dropped
+        return [(0, ctx - kept - prompt), (ctx - prompt, prompt)], ctx
+
     batches = []
     for i in range(count):
-        kind = i % 6
+        kind = i % 7
         if kind == 0:
             batches.append(CheckBatch("prefill + decodes", [fresh()], decodes(max_decodes)))
         elif kind == 1:
@@ -566,8 +579,11 @@ def check_batches(profile: Profile, count: int, seed: int = CHECK_SEED) -> list[
         elif kind == 4:
             spans, ctx, k = resumed()
             batches.append(CheckBatch("resume, swap-in + swap-out", [(spans, ctx)], [], k, rng.randint(2, 12)))
-        else:
+        elif kind == 5:
             batches.append(CheckBatch("2 prefills + decodes", [fresh(), fresh()], decodes(max_decodes // 2)))
+        else:
+            spans, ctx = long()
+            batches.append(CheckBatch("long prefill past the rows", [(spans, ctx)], decodes(max_decodes // 4)))
     return batches
 
 
@@ -647,7 +663,7 @@ def run_check(profile: Profile, args: Any, device: torch.device) -> list[CheckRo
         tune_allocator()
     chunk = profile.chunk_tokens
     anchors = anchor_batches(profile)
-    batches = check_batches(profile, 6 if args.quick else 18) + anchors
+    batches = check_batches(profile, 7 if args.quick else 21) + anchors
     repeats = 3 if args.quick else 5
     host_slots = 2 * max(b.swap_in + b.swap_out for b in batches) + 2
     slots_needed = max(sum(-(-c // chunk) for c in b.decodes) + sum(-(-c // chunk) for _, c in b.prefills)
@@ -659,6 +675,7 @@ def run_check(profile: Profile, args: Any, device: torch.device) -> list[CheckRo
     bench = Bench(loaded, chunk, slots_needed, host_slots, seed=CHECK_SEED)
     steps = [_lay_out(b, bench, host_slots) for b in batches]
     cost = ProfileCostModel(profile)
+    interpolated = ProfileCostModel(profile, "interpolated") if cost.prefill_surface else None
     measured: list[list[float]] = [[] for _ in batches]
     probes = []
     order = random.Random(CHECK_SEED)
@@ -675,14 +692,16 @@ def run_check(profile: Profile, args: Any, device: torch.device) -> list[CheckRo
     now = statistics.median(probes[1:])
     print(f"memory bandwidth probe: {now:.1f} GB/s now" + (f", {then:.1f} GB/s while profiling" if then else ""))
     return [CheckRow(b, statistics.median(m), cost.step_time_s(_plan(i, b, so, si), chunk),
-                     cost.step_time_s(_plan(i, b, so, si, padded=True), chunk), b in anchors)
+                     cost.step_time_s(_plan(i, b, so, si, padded=True), chunk), b in anchors,
+                     interpolated.step_time_s(_plan(i, b, so, si), chunk) if interpolated else None)
             for i, (b, m, (_, so, si)) in enumerate(zip(batches, measured, steps))]
 
 
-def print_check(rows: list[CheckRow]) -> None:
+def print_check(rows: list[CheckRow], profile: Profile | None = None) -> None:
     """A table of measured against predicted step times, then median and p90 absolute error: as predicted,
     given the decodes' longest context, and with the machine's drift since profiling (from the grid-point
-    steps) taken out."""
+    steps) taken out; with a prefill table, the same for the interpolated surface and both surfaces'
+    leave-one-out errors on the table's own points."""
     print(f"{'#':>2}  {'composition':<28} {'tokens':>6} {'decodes':>7} {'ctx max':>7} {'swap in/out':>11} "
           f"{'measured ms':>11} {'predicted ms':>12} {'error':>7} {'padded':>7}")
     for i, r in enumerate(rows):
@@ -694,13 +713,30 @@ def print_check(rows: list[CheckRow]) -> None:
     checked = [r for r in rows if not r.anchor]
     anchors = [r.measured_s / r.predicted_s for r in rows if r.anchor]
     drift = float(np.median(anchors)) if anchors else 1.0
-    summaries = (("", [r.error for r in checked]),
-                 (" given the decodes' longest context", [r.padded_error for r in checked]),
-                 (f" with the drift (x{drift:.3f}) taken out", [abs(r.predicted_s * drift / r.measured_s - 1)
-                                                               for r in checked]))
-    for what, errors in summaries:
-        print(f"absolute error{what} over {len(checked)} steps: median {100 * np.median(errors):.1f}%, "
-              f"p90 {100 * np.percentile(errors, 90):.1f}%")
+
+    def errors(predicted: list[float], measured: list[float]) -> str:
+        e = np.abs(np.array(predicted) / np.array(measured) - 1)
+        return f"median {100 * np.median(e):.1f}%, p90 {100 * np.percentile(e, 90):.1f}%"
+
+    measured = [r.measured_s for r in checked]
+    surfaces = [("", [r.predicted_s for r in checked])]
+    if checked and checked[0].interpolated_s is not None:
+        surfaces = [(" (fitted prefill surface)", surfaces[0][1]),
+                    (" (interpolated prefill surface)", [r.interpolated_s for r in checked])]
+    for name, predicted in surfaces:
+        print(f"absolute error{name} over {len(checked)} steps: {errors(predicted, measured)}; "
+              f"with the drift (x{drift:.3f}) taken out: {errors([p * drift for p in predicted], measured)}")
+        long = [(p, r.measured_s) for p, r in zip(predicted, checked) if r.batch.label.startswith("long")]
+        if long:
+            print(f"  of which long prefills past the rows ({len(long)}): {errors(*zip(*long))}")
+    print(f"absolute error given the decodes' longest context: "
+          f"{errors([r.padded_s for r in checked], measured)}")
+    if profile is not None and len(points := prefill_points(profile)):
+        held_out = held_out_errors(points, ProfileCostModel(profile).decode_row, profile.chunk_tokens)
+        print(f"prefill surface, each of the table's {len(points)} points predicted from the others "
+              f"(edges by extrapolation): " + "; ".join(
+                  f"{name} median {100 * np.median(np.abs(e)):.1f}%, p90 {100 * np.percentile(np.abs(e), 90):.1f}%, "
+                  f"max {100 * np.max(np.abs(e)):.1f}%" for name, e in held_out.items()))
     print("targets on CPU: median <= 5%, p90 <= 10%; drift = measured / predicted at the grid points")
 
 

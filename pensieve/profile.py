@@ -41,7 +41,7 @@ class ProfileError(ValueError):
 TOP_KEYS = ("format", "source", "analytical", "method", "device", "device_detail", "model", "dtype", "chunk_tokens",
             "overlap_copies", "versions", "date", "tables", "profile_seconds", "repeats", "runtime", "notes")
 TABLE_KEYS = ("chunk_attention_s", "decode_attention_s", "non_attention_s", "per_sequence_s", "step_overhead_s",
-              "copy_s", "prefill_attention_s")
+              "copy_s", "prefill_attention_s", "fresh_prefill_attention_s")
 COPY_KEYS = ("chunk_s", "layer_chunk_s", "bandwidth_gb_s", "bytes_per_chunk")
 
 
@@ -195,6 +195,13 @@ def _check_tables(source: str, tables: dict, chunk: int) -> None:
             if q <= chunk or kv_lens[0] < q:
                 raise _fail(source, f"tables.prefill_attention_s.{q}",
                             f"rows must have more than chunk_tokens ({chunk}) query tokens and KV lengths >= them")
+    if "fresh_prefill_attention_s" in tables:
+        if "prefill_attention_s" not in tables:
+            raise _fail(source, "tables.fresh_prefill_attention_s", "needs the prefill_attention_s table it extends")
+        queries, _ = _table(source, tables["fresh_prefill_attention_s"], "tables.fresh_prefill_attention_s", 1)
+        if queries[0] <= max(tables["prefill_attention_s"]):
+            raise _fail(source, "tables.fresh_prefill_attention_s",
+                        "holds fresh prefills past the prefill_attention_s rows only (query tokens > the last row)")
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -290,7 +297,8 @@ class Surface:
     """t(r, x) from rows of curves in x (r: query tokens or decodes), linear in r between rows.
 
     Past the last row, linear from the last two rows. With a `diagonal` (the fresh-prefill curve t(x, x)),
-    row r holds only for x >= r: between rows r0 < r < r1 at x < r1, t runs from row r0 to the diagonal at r = x.
+    row r holds only for x >= r: between rows r0 < r < r1 at x < r1, t runs from row r0 to the diagonal at r = x;
+    a fresh prefill past the last row (r >= x) reads the diagonal, which may hold points past the rows.
     """
 
     def __init__(self, rows: dict[int, Curve], diagonal: Curve | None = None) -> None:
@@ -304,6 +312,8 @@ class Surface:
             base = self.rows[keys[0]](x)
             return base if r <= keys[0] else base * r / keys[0]
         if r >= keys[-1]:
+            if self.diagonal is not None and r >= x and x > keys[-1]:
+                return self.diagonal(x)
             r0, r1 = keys[-2], keys[-1]
             v0, v1 = self.rows[r0](x), self.rows[r1](x)
             return v1 + max(v1 - v0, 0.0) * (r - r1) / (r1 - r0)
@@ -321,6 +331,91 @@ def _curve(source: str, table: dict, path: str) -> Curve:
     return Curve(*_table(source, table, path), name=path)
 
 
+class PrefillFit:
+    """One sequence's prefill attention as t(q, L) = a + b·q + c·L + d·pairs(q, L).
+
+    q query tokens end at KV length L. The executor computes the masked q x L rectangle of scores over a
+    gathered KV, so pairs = q·L, with per-call (a), per-query (b) and per-KV-token (c: the gather) costs. A
+    fresh prefill (q = L) runs a causal kernel that skips whole tiles of B keys above the diagonal:
+    pairs = q²/2 + q·min(q, B)/2 (the full square up to one tile, about half of it far past). B is fitted
+    with the rest, searched over multiples of the chunk; torch's CPU flash kernel splits keys in 512s.
+    Fitted by non-negative least squares on relative error to every measured (q, L) point, the chunk table's
+    included, it smooths each point's noise and extends past the last row by the kernel's own shape, where
+    interpolating between rows must extrapolate (the long whole-history prefills of `stateless`). Every term
+    is nondecreasing in q and in L.
+    """
+
+    def __init__(self, points: np.ndarray, chunk_tokens: int) -> None:
+        q, kv, t = np.asarray(points, float).T
+        best = None
+        for tile in range(chunk_tokens, int(kv.max()) + chunk_tokens, chunk_tokens):
+            coef, residual = nnls(self._design(q, kv, tile) / t[:, None], np.ones_like(t))
+            if best is None or residual < best[0] - 1e-12:
+                best = (residual, tile, coef)
+        _, self.causal_tile, self.coef = best
+        self.call_s, self.query_s, self.kv_s, self.pair_s = (float(c) for c in self.coef)
+
+    @staticmethod
+    def _design(q: np.ndarray, kv: np.ndarray, tile: int) -> np.ndarray:
+        fresh = q >= kv
+        pairs = np.where(fresh, q * q / 2 + q * np.minimum(q, tile) / 2, q * kv)
+        return np.stack([np.ones_like(q), q, kv, pairs], axis=1)
+
+    def __call__(self, q: float, kv: float) -> float:
+        pairs = q * q / 2 + q * min(q, self.causal_tile) / 2 if q >= kv else q * kv
+        return self.call_s + self.query_s * q + self.kv_s * kv + self.pair_s * pairs
+
+
+def prefill_points(profile: Profile) -> np.ndarray:
+    """Every measured prefill attention point (q, L, seconds): the chunk table as row q = chunk_tokens, then
+    the `prefill_attention_s` table and the fresh prefills past its rows (empty without a prefill table)."""
+    t, chunk = profile.tables, profile.chunk_tokens
+    if "prefill_attention_s" not in t:
+        return np.empty((0, 3))
+    points = [(chunk, kv, y) for kv, y in zip(*_table(profile.path, t["chunk_attention_s"], "chunk_attention_s"))
+              if kv >= chunk]
+    for q, (kvs, ys) in _table2d(profile.path, t["prefill_attention_s"], "prefill_attention_s").items():
+        points += [(q, kv, y) for kv, y in zip(kvs, ys)]
+    if "fresh_prefill_attention_s" in t:
+        points += [(q, q, y) for q, y in zip(*_table(profile.path, t["fresh_prefill_attention_s"],
+                                                      "fresh_prefill_attention_s", 1))]
+    return np.array(points, float)
+
+
+def interpolated_surface(points: np.ndarray, decode_row: Curve, chunk_curve: Curve | None = None) -> Surface:
+    """The prefill table as rows interpolated in L and linearly between rows in q (rules in profiles/README.md):
+    row 1 is the decode row, row `chunk_tokens` the chunk table (`chunk_curve`, else the points' own), the
+    diagonal each row's value at L = q (fresh prefills), then the single fresh points past the rows. A row
+    needs two points."""
+    by_row: dict[int, list[tuple[float, float]]] = {}
+    for q, kv, y in points:
+        by_row.setdefault(int(q), []).append((kv, y))
+    rows = {q: Curve(*np.array(sorted(row)).T, name=f"prefill_attention_s.{q}")
+            for q, row in by_row.items() if len(row) >= 2}
+    if chunk_curve is not None:
+        rows[int(points[0][0])] = chunk_curve
+    past = [(q, row[0][1]) for q, row in by_row.items() if len(row) == 1 and q > max(rows) and row[0][0] == q]
+    diagonal = Curve(*np.array([(q, rows[q](q)) for q in sorted(rows)] + sorted(past)).T, name="fresh prefills")
+    rows[1] = decode_row
+    return Surface(rows, diagonal)
+
+
+PREFILL_SURFACES = ("fitted", "interpolated")
+
+
+def held_out_errors(points: np.ndarray, decode_row: Curve, chunk_tokens: int) -> dict[str, np.ndarray]:
+    """Leave-one-out relative errors of both prefill surfaces: each measured point predicted from all the others.
+
+    A point at the table's edge is then predicted by extrapolation, as the simulator does for spans past the
+    grid; this is how `profile --check` tells which surface to trust off the grid without running anything."""
+    errors: dict[str, list[float]] = {name: [] for name in PREFILL_SURFACES}
+    for i, (q, kv, y) in enumerate(points):
+        rest = np.delete(points, i, axis=0)
+        errors["fitted"].append(PrefillFit(rest, chunk_tokens)(q, kv) / y - 1)
+        errors["interpolated"].append(interpolated_surface(rest, decode_row)(q, kv) / y - 1)
+    return {name: np.array(e) for name, e in errors.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The cost model
 
@@ -332,23 +427,30 @@ class ProfileCostModel(CostModel):
     of the decode batch, with swap copies overlapped layer by layer where the device has a copy engine.
     """
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, prefill_surface: str = "fitted") -> None:
+        if prefill_surface not in PREFILL_SURFACES:
+            raise ValueError(f"prefill_surface {prefill_surface!r}: expected one of {', '.join(PREFILL_SURFACES)}")
         self.profile = profile
-        src, t, chunk = profile.path, profile.tables, profile.chunk_tokens
+        src, t = profile.path, profile.tables
         self.chunk_attention = _curve(src, t["chunk_attention_s"], "chunk_attention_s")
         decode_rows = {n: Curve(*row, name=f"decode_attention_s.{n}")
                        for n, row in _table2d(src, t["decode_attention_s"], "decode").items()}
+        self.decode_row = decode_rows[1]
         self.decode_call_s, self.decode_context_s, self.decode_token_s = _fit_decodes(decode_rows)
-        self.prefill_attention = None
-        if "prefill_attention_s" in t:
-            rows = {q: Curve(*row, name=f"prefill_attention_s.{q}")
-                    for q, row in _table2d(src, t["prefill_attention_s"], "prefill").items()}
-            curves = list(rows.values())
-            diagonal = [(chunk, self.chunk_attention(chunk))] + [(q, rows[q](q)) for q in sorted(rows)]
-            rows.update({1: decode_rows[1], chunk: self.chunk_attention})
-            self.prefill_attention = Surface(rows, Curve(*np.array(diagonal).T))
-        else:
-            curves = []
+        # A measured prefill table gives the executor's own cost at (q, L); which surface reads it is the
+        # caller's choice (`profile --check` reports both), the fit by default (see PrefillFit).
+        self.prefill_attention: PrefillFit | Surface | None = None
+        self.prefill_surface = None
+        curves = []
+        points = prefill_points(profile)
+        if len(points):
+            self.prefill_surface = prefill_surface
+            if prefill_surface == "fitted":
+                self.prefill_attention = PrefillFit(points, profile.chunk_tokens)
+            else:
+                surface = interpolated_surface(points, self.decode_row, self.chunk_attention)
+                curves = [c for q, c in surface.rows.items() if q not in (1, profile.chunk_tokens)]
+                self.prefill_attention = surface
         self.non_attention = _curve(src, t["non_attention_s"], "non_attention_s")
         curves += [self.chunk_attention, self.non_attention, *decode_rows.values()]
         self.repairs = [c.repair for c in curves if c.repair]  # reported by the commands that load it
@@ -373,7 +475,8 @@ class ProfileCostModel(CostModel):
     def prefill_s(self, spans: list[tuple[int, int]], context_tokens: int) -> float:
         """Attention of one prefilling sequence whose query `spans` [(start, length)] end at `context_tokens`.
 
-        A measured 2-D table gives the executor's own cost for (query tokens, KV length). Without one, each
+        A measured 2-D table gives the executor's own cost for (query tokens, KV length), fitted or
+        interpolated (`prefill_surface`). Without one, each
         token attends to its own prefix (an ideal kernel): the chunk table is summed over chunk-sized pieces,
         each at the KV length that makes its mean attended length equal the piece's.
         """

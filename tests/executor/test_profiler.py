@@ -45,12 +45,15 @@ def test_quick_profile_writes_every_table(tiny_profile):
 def test_check_runs_mixed_batches_against_the_profile(tiny_profile, capsys):
     profile = load_profile(tiny_profile)
     rows = profiler.run_check(profile, args("--quick"), torch.device("cpu"))
-    assert len(rows) == 6 + 3 and all(r.measured_s > 0 and r.predicted_s > 0 for r in rows)
-    assert [r.anchor for r in rows] == [False] * 6 + [True] * 3  # grid points measure the machine's drift
+    assert len(rows) == 7 + 3 and all(r.measured_s > 0 and r.predicted_s > 0 for r in rows)
+    assert [r.anchor for r in rows] == [False] * 7 + [True] * 3  # grid points measure the machine's drift
     labels = {r.batch.label for r in rows}
-    assert "resume, swap-in + swap-out" in labels and "decodes" in labels
-    profiler.print_check(rows)
-    assert "median" in capsys.readouterr().out
+    assert {"resume, swap-in + swap-out", "decodes", "long prefill past the rows"} <= labels
+    assert all(r.interpolated_s > 0 for r in rows)  # the profile has a prefill table: both surfaces predict
+    profiler.print_check(rows, profile)
+    out = capsys.readouterr().out
+    assert "fitted prefill surface" in out and "interpolated prefill surface" in out
+    assert "predicted from the others" in out and "long prefills past the rows (1)" in out
 
 
 def test_check_batches_resume_with_recompute_and_a_gap(tiny_profile):
@@ -110,5 +113,13 @@ def test_grid_of_a_full_cpu_profile():
     grid = profiler.Grid.choose(model_spec("smollm2-135m", "float32"), torch.device("cpu"), 32, quick=False)
     assert grid.kv_lens == (32, 64, 128, 256, 512, 1024, 2048, 4096)
     assert grid.queries == (64, 128, 256, 512) and grid.decodes == (1, 2, 4, 8, 16)
-    assert grid.fresh[-1] == 512 and grid.repeats == 5
+    assert grid.fresh[-1] == 2048 and grid.repeats == 5  # whole-history prefills to half the context
     assert all(f.decodes * f.kv_len <= grid.decode_tokens for f in grid.forwards())
+
+
+def test_full_cpu_grid_measures_whole_history_prefills_to_half_the_context():
+    grid = profiler.Grid.choose(model_spec("smollm2-135m"), torch.device("cpu"), 32, quick=False)
+    assert max(grid.fresh) == max(grid.kv_lens) // 2 > max(grid.queries)
+    assert profiler.Forward(max(grid.fresh), max(grid.fresh)) in grid.forwards()
+    quick = profiler.Grid.choose(model_spec("smollm2-135m"), torch.device("cpu"), 32, quick=True)
+    assert max(quick.fresh) == max(quick.queries)  # --quick stays under a minute

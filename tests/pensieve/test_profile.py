@@ -5,6 +5,7 @@ import copy
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -12,7 +13,7 @@ from pensieve.analytical import GPUS, analytical_profile
 from pensieve.models import PRESETS, ModelSpec, model_spec
 from pensieve.plan import PrefillItem, StepPlan
 from pensieve.profile import (Curve, ProfileCostModel, ProfileError, Surface, check_profile_matches, compare_tables,
-                              dump_profile, load_profile, profile_from_dict)
+                              dump_profile, held_out_errors, load_profile, prefill_points, profile_from_dict)
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 CHUNK = 32
@@ -171,11 +172,49 @@ def test_prefill_integrates_the_chunk_table_over_each_token_prefix():
     assert cm.prefill_s(split, 550) == pytest.approx(expected, rel=0.01)
 
 
-def test_measured_prefill_table_is_used_when_present():
-    cm = ProfileCostModel(profile_from_dict(linear_profile(prefill_table=True)))
+def test_interpolated_prefill_surface_reads_the_table():
+    cm = ProfileCostModel(profile_from_dict(linear_profile(prefill_table=True)), "interpolated")
     assert cm.prefill_s([(0, 128)], 128) == pytest.approx(2e-6 * 128 * 4)  # the (128, 128) point
     assert cm.prefill_s([(0, 64), (900, 64)], 964) == pytest.approx(2e-6 * 964 * 4)  # row 128 at KV 964
     assert cm.attention_s(CHUNK, 512) == pytest.approx(1e-6 * 512)  # the chunk row is the chunk table
+
+
+def kernel_shaped_profile(tile: int = 128) -> tuple[dict, object]:
+    """A profile whose prefill points follow PrefillFit's form exactly, its causal kernel skipping `tile`-key tiles."""
+    data = linear_profile(prefill_table=True)
+    kv = [32 * 2**i for i in range(7)]
+
+    def t(q: int, L: int) -> float:
+        pairs = q * q / 2 + q * min(q, tile) / 2 if q == L else q * L
+        return 1e-4 + 2e-6 * q + 3e-7 * L + 4e-9 * pairs
+
+    data["tables"]["chunk_attention_s"] = {L: t(CHUNK, L) for L in kv}
+    data["tables"]["prefill_attention_s"] = {q: {L: t(q, L) for L in kv if L >= q} for q in (64, 128, 256)}
+    return data, t
+
+
+def test_fitted_prefill_surface_recovers_the_kernel_shape_and_extends_past_the_rows():
+    data, t = kernel_shaped_profile()
+    cm = ProfileCostModel(profile_from_dict(data))
+    assert cm.prefill_surface == "fitted" and cm.prefill_attention.causal_tile == 128
+    assert cm.prefill_attention.coef == pytest.approx([1e-4, 2e-6, 3e-7, 4e-9], rel=1e-6)
+    for q, L in [(1000, 1000), (1000, 2048), (700, 3000), (40, 40), (100, 1500)]:
+        spans = [(0, q)] if q == L else [(0, q // 2), (L - q + q // 2, q - q // 2)]
+        assert cm.prefill_s(spans, L) == pytest.approx(t(q, L), rel=1e-6)
+    held_out = held_out_errors(prefill_points(profile_from_dict(data)), cm.decode_row, CHUNK)
+    assert np.max(np.abs(held_out["fitted"])) < 1e-6  # exact form: every point predicted from the others
+    assert np.max(np.abs(held_out["interpolated"])) > 0.01  # the table's edges extrapolate between rows
+
+
+def test_fitted_surface_never_falls_with_more_queries_or_more_context():
+    cm = ProfileCostModel(profile_from_dict(kernel_shaped_profile(tile=64)[0]))
+    fresh = [cm.prefill_s([(0, n)], n) for n in range(33, 3000, 37)]
+    assert fresh == sorted(fresh)
+    for q in (40, 300, 900):  # resuming over more context never costs less than the fresh prefill
+        longer = [cm.prefill_s([(L - q, q)], L) for L in range(q, 3000, 61)]
+        assert longer == sorted(longer)
+    with pytest.raises(ValueError, match="prefill_surface 'spline'"):
+        ProfileCostModel(profile_from_dict(kernel_shaped_profile()[0]), "spline")
 
 
 def test_step_time_adds_the_parts_without_copies():
@@ -333,3 +372,41 @@ def test_a_repaired_table_says_how_much_it_moved_in_seconds_where_a_median_was_z
     curve = Curve(np.array([1.0, 2.0, 3.0]), np.array([0.001, 0.0, 0.002]), name="non_attention_s")
     assert curve.repair.startswith("non_attention_s: 2 of 3 medians made nondecreasing, the largest moved by 0.0005 s")
     assert Curve(np.array([1.0, 2.0]), np.array([0.001, 0.002])).repair is None
+
+
+# ---------------------------------------------------------------- fresh prefills past the rows
+
+
+def with_fresh_past_rows(data: dict, points: dict) -> dict:
+    data = copy.deepcopy(data)
+    data["tables"]["fresh_prefill_attention_s"] = points
+    return data
+
+
+def test_fresh_prefills_past_the_rows_join_both_surfaces():
+    data, t = kernel_shaped_profile()
+    data = with_fresh_past_rows(data, {1024: t(1024, 1024) * 0.9, 2048: t(2048, 2048) * 0.9})
+    profile = profile_from_dict(data)
+    points = prefill_points(profile)
+    assert [tuple(p[:2]) for p in points[-2:]] == [(1024, 1024), (2048, 2048)]
+    interpolated = ProfileCostModel(profile, "interpolated")
+    # A fresh prefill past the rows reads the diagonal (between its points); a resumed one extrapolates rows.
+    assert interpolated.prefill_s([(0, 1536)], 1536) == pytest.approx(0.9 * (t(1024, 1024) + t(2048, 2048)) / 2)
+    resumed = interpolated.prefill_s([(0, 1000), (1500, 36)], 1536)
+    assert resumed == pytest.approx(t(1036, 1536), rel=1e-6)  # the kernel-shaped rows extend exactly
+    fitted = ProfileCostModel(profile)
+    assert fitted.prefill_s([(0, 2048)], 2048) < t(2048, 2048)  # the cheaper fresh points pull the fit down
+
+
+@pytest.mark.parametrize("change, key, message", [
+    (lambda t: t.pop("prefill_attention_s"), "tables.fresh_prefill_attention_s", "needs the prefill_attention_s"),
+    (lambda t: t["fresh_prefill_attention_s"].update({128: 1.0}), "tables.fresh_prefill_attention_s",
+     "past the prefill_attention_s rows only"),
+])
+def test_fresh_prefill_table_errors_name_the_key(change, key, message):
+    data, t = kernel_shaped_profile()
+    data = with_fresh_past_rows(data, {1024: t(1024, 1024)})
+    change(data["tables"])
+    with pytest.raises(ProfileError, match=key) as caught:
+        profile_from_dict(data, "p.yaml")
+    assert message in str(caught.value) and "p.yaml" in str(caught.value)
