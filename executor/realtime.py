@@ -225,12 +225,13 @@ def load_scenario_model(scenario: Scenario, source: str, device: str | None = No
 
 def run_command(args) -> int:
     """`pensieve run SCENARIO [--policy P ...]`: serve the workload for real, once per policy, and compare."""
+    from pensieve.cli import scenario_overrides
     from pensieve.config import load_scenario
     from pensieve.core import build_cost_model, rng_for
     from pensieve.results import SUMMARY_COLUMNS, format_table, summary_row
     from pensieve.workload import build_workload, scale_think_times
 
-    scenario = load_scenario(args.scenario)
+    scenario = load_scenario(args.scenario, scenario_overrides(args))
     workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)
     policies = [p for group in (args.policy or [scenario.cache.policy.type]) for p in group.split(",")]
     base = Path(args.out or Path("results") / f"{scenario.name}-real")

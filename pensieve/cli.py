@@ -36,6 +36,25 @@ def _add_force(p: argparse.ArgumentParser) -> None:
                    help="replace the results already in --out (only the files this tool writes there)")
 
 
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="change one scenario setting, e.g. --set cache.host_gb=4 or --set cache.policy=lru "
+                        "(repeatable; validated like the file; sweep.<axis>=[...] sets an axis)")
+
+
+def _add_seeds(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="run each point under N seeds (seed, seed + 1, ...) and report means with 95%% confidence "
+                        "intervals (the scenario's seeds:)")
+
+
+def scenario_overrides(args: argparse.Namespace) -> list[str]:
+    """--set overrides, with --seeds and --seed as the settings they stand for (validated alike)."""
+    extra = [f"seeds={args.seeds}"] if getattr(args, "seeds", None) is not None else []
+    extra += [f"seed={args.seed}"] if getattr(args, "seed", None) is not None else []
+    return [*getattr(args, "overrides", []), *extra]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pensieve",
@@ -46,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulate a scenario on its profile's cost model (no GPU, no torch)")
     p.add_argument("scenario", help="scenario YAML")
     p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>)")
+    _add_set(p)
     p.add_argument("--seed", type=int, default=None, help="override the scenario's seed")
+    _add_seeds(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_force(p)
     p.set_defaults(handler="sim.commands:simulate_command")
@@ -59,14 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="also find each policy's throughput at the latency target (bisection over arrival rates)")
     p.add_argument("--target", type=float, default=None, help="normalized latency target in ms/token")
+    _add_set(p)
     p.add_argument("--metric", default="mean", choices=["mean", "p90"], help="latency statistic for --search")
+    p.add_argument("--keep-requests", action="store_true",
+                   help="keep each point's summary.json, requests.csv and scenario.yaml under points/<index>/")
+    p.add_argument("--baseline", default="stateless",
+                   help="policy the final table compares every other against (default: stateless)")
+    _add_seeds(p)
     _add_force(p)
     p.set_defaults(handler="sim.commands:sweep_command")
 
-    p = sub.add_parser("workload", help="write a scenario's workload (synthetic, ShareGPT or trace) as a JSONL trace")
+    p = sub.add_parser("workload", help="write a scenario's workload (synthetic, ShareGPT, a trace or another format) "
+                                        "as a JSONL trace, with its Table-2 statistics")
     p.add_argument("scenario", help="scenario YAML")
     p.add_argument("--out", required=True, help="JSONL trace to write")
     p.add_argument("--force", action="store_true", help="replace the trace if it exists")
+    p.add_argument("--tokenizer", default=None, metavar="builtin|FOLDER",
+                   help="count tokens of text formats with a tokenizer (builtin: the SmolLM2 GGUF's) instead of "
+                        "~4 characters per token; needs the executor extra")
+    _add_set(p)
     p.set_defaults(handler="sim.commands:workload_command")
 
     p = sub.add_parser("bench-core", help="time the core's schedule+complete step under cache pressure")
@@ -84,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", default=None,
                    help="policy to run (repeat or comma-separate to compare several in one run; default: the scenario's)")
     p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>-real)")
+    _add_set(p)
     p.add_argument("--device", default=None, help="override the scenario's run.device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_force(p)
@@ -93,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", help="scenario YAML naming a measured profile of this device")
     p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>-validate)")
     p.add_argument("--device", default=None, help="override the scenario's run.device")
+    _add_set(p)
     p.add_argument("--max-error", type=float, default=None,
                    help="exit 1 when throughput or mean latency differ by more than this fraction (default "
                         "0.10; written into validation.json with the verdict)")

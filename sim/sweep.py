@@ -5,35 +5,41 @@ from __future__ import annotations
 import math
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 from pensieve.config import Scenario, parse_scenario
 from pensieve.core import build_cost_model, rng_for
-from pensieve.results import summary_row
+from pensieve.results import summary_row, write_results
 from pensieve.signals import ignore_interrupts
 from pensieve.workload import build_workload
 
 from .driver import simulate
 
 
-def run_point(scenario_data: dict, source: str, point: dict) -> dict:
-    """Simulate one scenario (given as plain data so it crosses process boundaries); a table row.
-    An interrupted simulation is no point of the sweep: the interrupt goes on up."""
+def run_point(scenario_data: dict, source: str, point: dict, keep: str | None = None) -> dict:
+    """Simulate one scenario (given as plain data so it crosses process boundaries); a table row whose
+    summary records the point's sweep parameters. With `keep`, the point's summary.json, requests.csv and
+    scenario.yaml are written into that folder. An interrupted simulation is no point of the sweep: the
+    interrupt goes on up."""
     scenario = parse_scenario(scenario_data, source)
     workload = build_workload(scenario.workload, rng_for(scenario))
     run = simulate(scenario, workload, build_cost_model(scenario, source), progress=False)
     if run.interrupted:
         raise KeyboardInterrupt  # SIGTERM's Terminated was turned into `interrupted` the same way
-    return {**summary_row(run.summary, **point), "arrival_rate": scenario.workload.arrival_rate,
-            "summary": run.summary}
+    summary = {**run.summary, "sweep_point": point}
+    if keep:
+        write_results(keep, summary, run.finished, scenario.model_dump())
+    return {**summary_row(summary, **point), "arrival_rate": scenario.workload.arrival_rate, "summary": summary}
 
 
 def run_points(points: list[tuple[dict, Scenario]], source: str, jobs: int, ray_address: str | None = None,
-               progress=None, rows: list[dict] | None = None) -> list[dict]:
+               progress=None, rows: list[dict] | None = None, keep: Path | None = None) -> list[dict]:
     """Every point of a sweep, in parallel; rows are appended to `rows` in the points' order as they
     finish, so that an interrupted sweep keeps exactly the points that finished (the interrupt
-    propagates after the workers are ended)."""
+    propagates after the workers are ended). With `keep`, point i's results go to `keep/<i>/`."""
     rows = [] if rows is None else rows
-    payloads = [(scenario.model_dump(), source, point) for point, scenario in points]
+    payloads = [(scenario.model_dump(), source, point, str(keep / f"{i:04d}") if keep else None)
+                for i, (point, scenario) in enumerate(points)]
     if ray_address:
         rows += _run_on_ray(payloads, ray_address, progress)
         return rows

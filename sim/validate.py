@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pensieve.config import Scenario, load_scenario
+from pensieve.cli import scenario_overrides
 from pensieve.core import build_cost_model, rng_for
 from pensieve.cost import ScaledCostModel
 from pensieve.plan import PrefillItem, StepPlan
@@ -369,7 +370,7 @@ def _error_text(row: dict, signed: bool = True) -> str:
 
 
 def validate_command(args) -> int:
-    scenario = load_scenario(args.scenario)
+    scenario = load_scenario(args.scenario, scenario_overrides(args))
     out = prepare_folder(args.out or Path("results") / f"{scenario.name}-validate", args.force,
                          inputs=(args.scenario,))  # before the work
     if args.repeats < 1:

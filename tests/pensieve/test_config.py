@@ -45,7 +45,7 @@ def test_pensieve_gpu_gets_no_host_tier(tmp_path):
         ({"cache": {"host_gb": 1}}, "cache.device_gb", "is required"),
         ({"model": "gpt-9"}, "model", "known presets"),
         ({"scheduler": {"decode_reserve": 1.5}}, "scheduler.decode_reserve", "less than 1"),
-        ({"sceduler": {}}, "sceduler", "unknown key; allowed here: name, seed, model"),
+        ({"sceduler": {}}, "sceduler", "unknown key; allowed here: name, seed, seeds, model"),
         ({"cache": {"device_gb": 1, "eviction_batch": 0.01}}, "cache", "eviction_batch is gone"),
     ],
 )
@@ -81,3 +81,42 @@ def test_model_by_dimensions(tmp_path):
             "head_dim": 16, "intermediate_size": 128, "vocab_size": 100, "max_context": 512}
     scenario = load_scenario(write(tmp_path, {**GOOD, "model": dims}))
     assert scenario.model_spec.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+
+
+# ---------------------------------------------------------------- --set overrides and paths
+
+
+def test_set_overrides_are_read_as_yaml_and_validated_like_the_file(tmp_path):
+    path = write(tmp_path, GOOD)
+    scenario = load_scenario(path, ["cache.host_gb=4", "cache.policy=pensieve", "workload.arrival_rate=.inf",
+                                    "sweep.workload.arrival_rate=[0.1, 0.2]", "seed=7"])
+    assert scenario.cache.host_gb == 4 and scenario.cache.policy.type == "pensieve" and scenario.seed == 7
+    assert scenario.workload.arrival_rate == float("inf")
+    assert scenario.sweep == {"workload.arrival_rate": [0.1, 0.2]}
+    assert scenario.cache.device_gb == 0.1  # the rest of the file stands
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path, ["cache.polcy=lru"])
+    assert info.value.key == "cache.polcy" and "allowed here: device_gb" in str(info.value)
+    assert "--set cache.polcy=lru" in str(info.value)  # the error says the key came from the command line
+    with pytest.raises(ScenarioError, match="cache.device_gb: Input should be greater than 0"):
+        load_scenario(path, ["cache.device_gb=-2"])
+    for bad in ("cache.host_gb", "=4", "cache..host_gb=4"):
+        with pytest.raises(ScenarioError, match="expected key.path=value"):
+            load_scenario(path, [bad])
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(path, ["cache.host_gb=[1"])
+
+
+def test_paths_resolve_from_the_scenario_then_the_shipped_profiles_and_say_where_they_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing relative to the working directory helps
+    copied = write(tmp_path, {**GOOD, "profile": "profiles/cpu-smollm2-135m-float32.yaml"}, "copied.yaml")
+    scenario = load_scenario(copied)
+    assert scenario.profile.endswith("profiles/cpu-smollm2-135m-float32.yaml") and scenario.profile.startswith("/")
+    (tmp_path / "mine.yaml").write_text("x")  # next to the scenario wins
+    assert load_scenario(write(tmp_path, {**GOOD, "profile": "mine.yaml"})).profile == str(tmp_path / "mine.yaml")
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(write(tmp_path, {**GOOD, "profile": "nowhere.yaml"}))
+    assert info.value.key == "profile" and "'nowhere.yaml' was not found; looked in:" in str(info.value)
+    assert str(tmp_path / "nowhere.yaml") in str(info.value)
+    with pytest.raises(ScenarioError, match="workload.path: 'gone.jsonl' was not found"):
+        load_scenario(write(tmp_path, {**GOOD, "workload": {"type": "trace", "path": "gone.jsonl"}}))

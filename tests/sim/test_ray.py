@@ -39,7 +39,7 @@ def test_points_run_on_a_ray_cluster(ray_address):
     local = sweep.run_points(points, "<local>", jobs=1)
     on_ray = sweep.run_points(points, "<ray>", jobs=1, ray_address=ray_address)
     assert [r["policy"] for r in on_ray] == ["pensieve", "stateless"]
-    assert on_ray[1]["hit_miss"] == 1.0 and on_ray[0]["hit_miss"] < 1.0
+    assert on_ray[1]["recomputed_fraction"] == 1.0 and on_ray[0]["recomputed_fraction"] < 1.0
     # the same simulation on the cluster as here (wall time aside)
     strip = lambda rows: [{k: v for k, v in r["summary"].items() if k != "wall_s"} for r in rows]  # noqa: E731
     assert strip(on_ray) == strip(local)

@@ -34,7 +34,7 @@ def test_points_run_in_processes_and_in_order():
     points = expand_sweep(parse_scenario({**BASE, "sweep": {"cache.policy": ["pensieve", "stateless"]}}))
     serial = sweep.run_points(points, "<t>", jobs=1)
     assert [r["policy"] for r in serial] == ["pensieve", "stateless"]
-    assert serial[1]["hit_miss"] == 1.0 and serial[0]["hit_miss"] < 1.0
+    assert serial[1]["recomputed_fraction"] == 1.0 and serial[0]["recomputed_fraction"] < 1.0
 
 
 def test_throughput_at_target_brackets_and_bisects():
@@ -44,6 +44,6 @@ def test_throughput_at_target_brackets_and_bisects():
     assert loose["best"] is not None and all(row["passes"] for row in loose["tried"])
     found = sweep.throughput_at_target(scenario, "<t>", target_ms=10.0, iterations=3)
     best = found["best"]
-    assert best is not None and best["lat_mean"] <= 10.0
+    assert best is not None and best["norm_latency_mean_ms"] <= 10.0
     failing = [row for row in found["tried"] if not row["passes"]]
     assert failing and min(row["arrival_rate"] for row in failing) > best["arrival_rate"]
