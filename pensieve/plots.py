@@ -39,6 +39,7 @@ def plot_run(folder: str | Path, summary: dict, rows: list[dict], timeline: list
         by_turn[int(row["turn"])].append(float(row["ttft_s"]))
     if by_turn:
         written.append(_plot_ttft_by_turn(plt, folder, by_turn))
+    if (summary.get("quantiles") or {}).get("ttft_s"):
         written.append(_plot_cdfs(plt, folder / "latency_cdf.png", {summary["policy"]: summary}))
 
     if timeline:

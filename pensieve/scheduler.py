@@ -168,7 +168,8 @@ class Scheduler(PlainSteps):
             prefills.append(PrefillItem(r.id, conv.id, restore.spans, conv.tokens))
             batch_tokens += query
 
-        cache.swap_out_ahead(now, self.swap_out_threshold)
+        if decodes or prefills:  # an empty plan may be dropped (below): it must carry no copies
+            cache.swap_out_ahead(now, self.swap_out_threshold)
         self.steps += 1
         plan = StepPlan(self.steps, decodes, context, prefills, cache.swap_out_ops, cache.swap_in_ops,
                         cache.dropped_this_step, suspended)

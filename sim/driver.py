@@ -69,6 +69,10 @@ class _Server:
             start = env.now
             horizon = min(env.peek(), self._next_sample) if self.chain_steps else start
             end = self._plain_steps(start, start, horizon)
+            if sched.idle:  # as the real serving loop: the core is not asked to plan with nothing to run
+                self.wake = env.event()
+                yield self.wake
+                continue
             plan = sched.schedule(end)
             if plan.empty:
                 assert end == start, "plain steps never end the last running turn"

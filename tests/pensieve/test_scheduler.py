@@ -70,6 +70,21 @@ def test_ahead_of_time_swap_out_keeps_device_copies():
     assert r.gpu_hit_tokens == 11 and r.cpu_hit_tokens == 0
 
 
+def test_an_idle_core_copies_nothing_out_since_an_empty_plan_may_be_dropped():
+    # Found by validation: the simulator asked an idle core to plan, and dropped the empty plan; its
+    # ahead-of-time swap-out still copied every device chunk out and dropped the host chunks that later
+    # turns would have hit (sim recomputed 2.1x the real engine's tokens on validate/lru-pressure).
+    d = Driver(make_core("lru", 8, 8, threshold=0.9))
+    d.add("A", 0, 0.0, 23, 1)  # 6 of 8 device slots: below the 90% free threshold
+    d.run(0.0)
+    cache = d.sched.cache
+    copied = cache.stats.swap_out_chunks
+    plan = d.sched.schedule(5.0)  # nothing waits or runs
+    assert plan.empty and not plan.swap_out and not plan.dropped_chunks
+    assert cache.stats.swap_out_chunks == copied and cache.clean_count == copied
+    cache.check_invariants()
+
+
 @pytest.mark.parametrize("policy", ["pensieve", "pensieve-gpu", "lru", "conversation-lru", "trailing-lru", "stateless"])
 def test_decodes_out_of_slots_suspend_the_latest_arrival_which_comes_back(policy):
     d = Driver(make_core(policy, 6, 8))
