@@ -246,7 +246,9 @@ def baseline_table(results: dict, baseline: str) -> list[dict]:
         ratio = paired_ratio(throughput, [base[s]["throughput_rps"] if base.get(s) else None for s in seeds])
         best = [per_seed[s] for s in seeds if per_seed[s]]
         if policy == baseline:
-            verdict = "baseline"
+            verdict = "baseline" if ratio.n else "baseline: target never met"
+        elif ratio.n == 0:
+            verdict = "no seed where both met the target"
         elif ratio.n < 2:
             verdict = "one seed: no interval"
         else:

@@ -75,6 +75,10 @@ def test_baseline_table_marks_differences_inside_their_interval():
     assert rows["clear"]["verdict"] == "larger than its interval" and rows["clear"]["ratio"].startswith("1.5")
     assert rows["noise"]["verdict"] == "within its interval (noise)"
     assert baseline_table(results, "vllm") == []  # no such policy in the sweep: no table
+    results["stateless"]["per_seed"] = {s: None for s in range(3)}  # the baseline never met the target
+    rows = {r["policy"]: r for r in baseline_table(results, "stateless")}
+    assert rows["stateless"]["verdict"] == "baseline: target never met"
+    assert rows["clear"]["verdict"] == "no seed where both met the target" and rows["clear"]["ratio"] == "nan"
 
 
 def test_replicate_adds_the_seed_as_the_innermost_axis():
