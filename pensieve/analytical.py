@@ -155,6 +155,18 @@ def copy_chunk_s(spec: ModelSpec, roof: Roofline, chunk_tokens: int) -> float:
     return chunk_tokens * spec.kv_bytes_per_token / roof.link_bandwidth
 
 
+def prefill_rows(chunk_tokens: int, largest: int) -> list[int]:
+    """Query-token rows of an analytical prefill table: 2, 3, 4, 6, 8, 12, ... chunks up to `largest`. The
+    half steps keep linear interpolation between rows within ~3% of the roofline's q^2 term."""
+    rows, q = [], 2 * chunk_tokens
+    while q <= largest:
+        rows.append(q)
+        if q * 3 // 2 <= largest:
+            rows.append(q * 3 // 2)
+        q *= 2
+    return rows
+
+
 def _powers(start: int, stop: int) -> list[int]:
     """start, 2*start, ... up to and including stop (stop itself is added when it is not a power)."""
     values = [int(v) for v in start * 2 ** np.arange(int(np.log2(stop / start)) + 1)]
@@ -194,11 +206,19 @@ def analytical_profile(
         "versions": {"python": platform.python_version(), "numpy": np.__version__},
         "date": datetime.date.today().isoformat(),
         "method": "roofline: each operation takes max(FLOPs / (peak x compute_efficiency), bytes / "
-                  "(bandwidth x memory_efficiency)); attention as an ideal fused kernel (KV read once, "
-                  "causal triangle skipped); step overhead = kernels_per_layer x layers x launch_s.",
+                  "(bandwidth x memory_efficiency)); attention as an ideal fused kernel (KV read once per "
+                  "sequence and step, causal triangle skipped exactly: no tile granularity), tabulated per "
+                  "chunk, per whole prefill span (prefill_attention_s) and per decode batch; step overhead = "
+                  "kernels_per_layer x layers x launch_s.",
         "analytical": roof.to_dict(),
         "tables": {
             "chunk_attention_s": {L: r(attention_s(spec, roof, chunk_tokens, L)) for L in kv_lens},
+            # The same roofline over whole spans, so that a long prefill is charged once for its KV and its
+            # triangle rather than as a sum of chunk-sized pieces, each reading the whole KV again.
+            "prefill_attention_s": {
+                q: {L: r(attention_s(spec, roof, q, L)) for L in sorted({q, *(L for L in kv_lens if L > q)})}
+                for q in prefill_rows(chunk_tokens, min(max_batch_tokens, max_context // 2))
+            },
             "decode_attention_s": {
                 n: {L: r(decode_attention_s(spec, roof, n, L)) for L in kv_lens} for n in _powers(1, max_decodes)
             },

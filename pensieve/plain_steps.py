@@ -39,7 +39,7 @@ class PlainSteps:
     def completion_finishes(self, plan: StepPlan) -> bool:
         """Whether completing the planned step (with no early stops) would finish some request."""
         ticks = self.clock.ticks + 1
-        due = self._finish_due.get(ticks)
+        due = self._finish_due.get(ticks) if plan.decodes else None  # only a plan with decodes moves the clock
         if due:
             for r in due:
                 if r.finish_at == ticks:

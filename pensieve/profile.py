@@ -427,7 +427,10 @@ class ProfileCostModel(CostModel):
     of the decode batch, with swap copies overlapped layer by layer where the device has a copy engine.
     """
 
-    def __init__(self, profile: Profile, prefill_surface: str = "fitted") -> None:
+    def __init__(self, profile: Profile, prefill_surface: str | None = None) -> None:
+        # A measured table is this executor's kernel, whose shape the fit knows; an analytical table is an
+        # exact roofline of another kernel (the ideal fused one), read as it is.
+        prefill_surface = prefill_surface or ("fitted" if profile.source == "measured" else "interpolated")
         if prefill_surface not in PREFILL_SURFACES:
             raise ValueError(f"prefill_surface {prefill_surface!r}: expected one of {', '.join(PREFILL_SURFACES)}")
         self.profile = profile

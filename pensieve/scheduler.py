@@ -19,6 +19,9 @@ from .plan import PrefillItem, StepPlan, StepResult
 from .request import STILL, Request, StepClock
 
 
+BATCHING = ("unified", "prefill-first")
+
+
 def _arrival_key(request: Request) -> tuple[float, int]:
     return (request.arrival, request.id)
 
@@ -28,10 +31,16 @@ class Scheduler(PlainSteps):
     `plan = schedule(now)`, a backend executes it, `complete(plan, result, now)`."""
 
     def __init__(self, cache: KVCacheManager, max_batch_tokens: int, max_batch_requests: int,
-                 decode_reserve: float, swap_out_threshold: float, max_context: int) -> None:
+                 decode_reserve: float, swap_out_threshold: float, max_context: int,
+                 batching: str = "unified") -> None:
         """Built by `pensieve.core.build_core`; the settings' defaults and meaning are in `SchedulerConfig`."""
         if max_batch_tokens < 1 or max_batch_requests < 1:
             raise ValueError("max_batch_tokens and max_batch_requests must be >= 1")
+        if batching not in BATCHING:
+            raise ValueError(f"batching {batching!r}: expected one of {', '.join(BATCHING)}")
+        # "prefill-first" is vLLM 0.2's iteration scheduler (the paper's baseline): a step that can admit
+        # a waiting prompt runs prompts only, and the running batch decodes in the steps between.
+        self.prefill_first = batching == "prefill-first"
         if not (0 <= decode_reserve < 1 and 0 <= swap_out_threshold < 1):
             raise ValueError("decode_reserve and swap_out_threshold are fractions in [0, 1)")
         self.cache = cache
@@ -118,18 +127,38 @@ class Scheduler(PlainSteps):
         if self._planned is not None:
             raise RuntimeError(f"step {self._planned} was planned but not completed; call complete() first")
         cache.begin_step()
-        running, ids = self.running, self._running_ids
         suspended: list[int] = []
-        ticks = self.clock.ticks
-        self._grow_decodes(ticks, now, suspended)
-        decodes = ids.copy()
-        # Each decode's context is its kv_tokens plus the token itself.
-        context = self._kv_base + len(decodes) * (ticks + 1)
+        prefills: list[PrefillItem] = self._admit(now, 0) if self.prefill_first and self.waiting else []
+        if prefills:  # a prompt step: the running batch waits for the next one
+            decodes, context = [], 0
+        else:
+            ticks = self.clock.ticks
+            self._grow_decodes(ticks, now, suspended)
+            decodes = self._running_ids.copy()
+            # Each decode's context is its kv_tokens plus the token itself.
+            context = self._kv_base + len(decodes) * (ticks + 1)
+            if not self.prefill_first:
+                prefills = self._admit(now, len(decodes))
 
+        if decodes or prefills:  # an empty plan may be dropped (below): it must carry no copies
+            cache.swap_out_ahead(now, self.swap_out_threshold)
+        self.steps += 1
+        plan = StepPlan(self.steps, decodes, context, prefills, cache.swap_out_ops, cache.swap_in_ops,
+                        cache.dropped_this_step, suspended)
+        # A plan with tokens must be completed before the next; an empty one (nothing to run)
+        # may simply be dropped by a driver that waits for work.
+        self._planned = plan.index if decodes or prefills else None
+        return plan
+
+    def _admit(self, now: float, batch_tokens: int) -> list[PrefillItem]:
+        """Admit waiting turns first-come first-served into a batch already holding `batch_tokens` tokens,
+        while its token and request budgets last and the device tier keeps its decode reserve; each
+        admitted turn's conversation is restored (swap-ins, recomputation of dropped chunks)."""
+        cache = self.cache
+        running, ids = self.running, self._running_ids
         prefills: list[PrefillItem] = []
         waiting = self.waiting
         if waiting:
-            batch_tokens = len(decodes)
             ct = cache.chunk_tokens
             admit_limit = (1 - self.decode_reserve) * cache.device.capacity
         while waiting and len(running) < self.max_batch_requests:
@@ -167,16 +196,7 @@ class Scheduler(PlainSteps):
                 ids.append(r.id)
             prefills.append(PrefillItem(r.id, conv.id, restore.spans, conv.tokens))
             batch_tokens += query
-
-        if decodes or prefills:  # an empty plan may be dropped (below): it must carry no copies
-            cache.swap_out_ahead(now, self.swap_out_threshold)
-        self.steps += 1
-        plan = StepPlan(self.steps, decodes, context, prefills, cache.swap_out_ops, cache.swap_in_ops,
-                        cache.dropped_this_step, suspended)
-        # A plan with tokens must be completed before the next; an empty one (nothing to run)
-        # may simply be dropped by a driver that waits for work.
-        self._planned = plan.index if decodes or prefills else None
-        return plan
+        return prefills
 
     def complete(self, plan: StepPlan, result: StepResult | None, now: float) -> list[Request]:
         """Apply the latest plan's outcome: one new token per request, finished turns released."""
@@ -187,12 +207,16 @@ class Scheduler(PlainSteps):
         requests = self.requests
         stopped = result.stopped if result is not None else ()
         clock = self.clock
-        clock.ticks += 1  # every decode of the plan has its token: their counters follow the clock
-        ticks = clock.ticks
         finished: list[Request] = []
-        due = self._finish_due.pop(ticks, None)
+        # Every decode of the plan has its token: their counters follow the clock. A plan without decodes
+        # (a prompt step, or nothing was running) moves no counter.
+        due = None
+        if plan.decodes:
+            clock.ticks += 1
+            due = self._finish_due.pop(clock.ticks, None)
         if due:
-            finished = [r for r in due if r.finish_at == ticks]
+            # A turn suspended and resumed with no decode step between is due at the same reading twice.
+            finished = list(dict.fromkeys(r for r in due if r.finish_at == clock.ticks))
             if len(finished) > 1:
                 finished.sort(key=_arrival_key)  # released in running order, as they decoded
         for item in plan.prefills:
@@ -257,7 +281,9 @@ class Scheduler(PlainSteps):
             return
         if len(due) > 1:
             due.sort(key=_arrival_key)
-        due = [r for r in due if r.grow_at == ticks]  # others are stale: finished, suspended, re-planned
+        # Others are stale (finished, suspended, re-planned); one suspended and resumed with no decode step
+        # between is listed twice.
+        due = list(dict.fromkeys(r for r in due if r.grow_at == ticks))
         cache = self.cache
         grown = cache.grow_all([r.conversation for r in due], now)
         for r in due[:grown]:

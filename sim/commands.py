@@ -13,7 +13,7 @@ from pensieve.config import REPLICATION_AXIS, ScenarioError, expand_sweep, load_
 from pensieve.cli import scenario_overrides
 from pensieve.core import build_cost_model, build_scheduler, rng_for
 from pensieve.outputs import atomic_open, check_new_file, prepare_folder
-from pensieve.plots import PlotWorker, plot_sweep
+from pensieve.plots import LOAD_AXIS, PlotWorker, plot_sweep
 from pensieve.results import SUMMARY_COLUMNS, format_table, request_rows, summary_row, write_results, write_text
 from pensieve.stats import CONFIDENCE, aggregate, estimate, paired_ratio
 from pensieve.workload import (CHARS_PER_TOKEN, TABLE2_COLUMNS, WorkloadError, build_workload, load_counting_tokenizer,
@@ -185,7 +185,10 @@ def sweep_command(args) -> int:
         for policy, found in results.items():
             print(f"  {policy:>18}: " + _describe_search(found))
         comparison = baseline_table(results, args.baseline)
-        if comparison:
+        if not comparison:
+            print(f"\nno table against --baseline {args.baseline!r}: the searches were for "
+                  f"{', '.join(repr(k) for k in results)}")
+        else:
             _write_csv(out / "policies_vs_baseline.csv", comparison)
             print(f"\nagainst {args.baseline} (paired by seed; 95% confidence intervals; policies_vs_baseline.csv):")
             print(format_table(comparison, BASELINE_COLUMNS))
@@ -267,7 +270,7 @@ def _search(scenario, args, points, target: float, jobs: int) -> dict:
     {policy: {"per_seed": {seed: best row or None}, "throughput_rps": mean and interval over the seeds}}."""
     by_policy: dict = {}
     for point, point_scenario in points:
-        by_policy.setdefault((point_scenario.cache.policy.type, point_scenario.seed), point_scenario)
+        by_policy.setdefault((variant_label(point, point_scenario), point_scenario.seed), point_scenario)
     found: dict = {}
     try:
         with worker_pool(max(1, min(jobs, len(by_policy)))) as pool:
@@ -284,6 +287,15 @@ def _search(scenario, args, points, target: float, jobs: int) -> dict:
     except KeyboardInterrupt:
         raise SearchInterrupted(_by_policy(found), len({p for p, _ in by_policy})) from None
     return _by_policy(found)
+
+
+def variant_label(point: dict, scenario) -> str:
+    """What a search is for: the policy, plus the sweep's other axes but load and seed (e.g. "stateless
+    (batching=prefill-first)"), so that every variant of a sweep gets its own throughput at the target."""
+    others = [f"{key.split('.')[-1]}={value}" for key, value in point.items()
+              if key not in ("cache.policy", LOAD_AXIS, REPLICATION_AXIS)]
+    policy = scenario.cache.policy.type
+    return f"{policy} ({', '.join(others)})" if others else policy
 
 
 def _by_policy(found: dict) -> dict:

@@ -33,6 +33,7 @@ def linear_profile(overlap: bool = True, prefill_table: bool = False) -> dict:
     for direction in ("device_to_host", "host_to_device"):
         tables["copy_s"][direction]["chunk_s"] = 4e-3
         tables["copy_s"][direction]["layer_chunk_s"] = 1e-4
+    tables.pop("prefill_attention_s", None)  # the roofline's own; these tests give theirs or none
     if prefill_table:
         tables["prefill_attention_s"] = {q: {L: 2e-6 * L * q / CHUNK for L in kv if L >= q} for q in (64, 128, 256)}
     data["overlap_copies"] = overlap
@@ -195,8 +196,10 @@ def kernel_shaped_profile(tile: int = 128) -> tuple[dict, object]:
 
 def test_fitted_prefill_surface_recovers_the_kernel_shape_and_extends_past_the_rows():
     data, t = kernel_shaped_profile()
+    assert ProfileCostModel(profile_from_dict(data)).prefill_surface == "interpolated"  # an analytical table
+    data["source"] = "measured"
     cm = ProfileCostModel(profile_from_dict(data))
-    assert cm.prefill_surface == "fitted" and cm.prefill_attention.causal_tile == 128
+    assert cm.prefill_surface == "fitted" and cm.prefill_attention.causal_tile == 128  # this executor's kernel
     assert cm.prefill_attention.coef == pytest.approx([1e-4, 2e-6, 3e-7, 4e-9], rel=1e-6)
     for q, L in [(1000, 1000), (1000, 2048), (700, 3000), (40, 40), (100, 1500)]:
         spans = [(0, q)] if q == L else [(0, q // 2), (L - q + q // 2, q - q // 2)]
@@ -207,7 +210,7 @@ def test_fitted_prefill_surface_recovers_the_kernel_shape_and_extends_past_the_r
 
 
 def test_fitted_surface_never_falls_with_more_queries_or_more_context():
-    cm = ProfileCostModel(profile_from_dict(kernel_shaped_profile(tile=64)[0]))
+    cm = ProfileCostModel(profile_from_dict(kernel_shaped_profile(tile=64)[0]), "fitted")
     fresh = [cm.prefill_s([(0, n)], n) for n in range(33, 3000, 37)]
     assert fresh == sorted(fresh)
     for q in (40, 300, 900):  # resuming over more context never costs less than the fresh prefill
@@ -394,7 +397,7 @@ def test_fresh_prefills_past_the_rows_join_both_surfaces():
     assert interpolated.prefill_s([(0, 1536)], 1536) == pytest.approx(0.9 * (t(1024, 1024) + t(2048, 2048)) / 2)
     resumed = interpolated.prefill_s([(0, 1000), (1500, 36)], 1536)
     assert resumed == pytest.approx(t(1036, 1536), rel=1e-6)  # the kernel-shaped rows extend exactly
-    fitted = ProfileCostModel(profile)
+    fitted = ProfileCostModel(profile, "fitted")
     assert fitted.prefill_s([(0, 2048)], 2048) < t(2048, 2048)  # the cheaper fresh points pull the fit down
 
 
@@ -410,3 +413,20 @@ def test_fresh_prefill_table_errors_name_the_key(change, key, message):
     with pytest.raises(ProfileError, match=key) as caught:
         profile_from_dict(data, "p.yaml")
     assert message in str(caught.value) and "p.yaml" in str(caught.value)
+
+
+@pytest.mark.parametrize("model", ["opt-13b", "llama-2-13b"])
+def test_analytical_prefills_are_charged_the_whole_span_roofline(model):
+    # Summing 32-token pieces, each reading the whole KV, charged an 8K fresh OPT-13B prefill 505 ms on the
+    # A100 profile against the 126 ms of its own roofline: the profile now tabulates whole spans.
+    from pensieve import analytical
+
+    spec, roof = model_spec(model), GPUS["a100-80gb"]
+    cm = ProfileCostModel(profile_from_dict(analytical_profile(spec, roof)))
+    assert cm.prefill_surface == "interpolated"
+    for q, L in [(8192, 8192), (3000, 3000), (1000, 6000), (96, 96), (700, 700)]:
+        expected = analytical.attention_s(spec, roof, q, L)
+        assert cm.prefill_s([(L - q, q)], L) == pytest.approx(expected, rel=0.04), (q, L)
+    shipped = ProfileCostModel(load_profile(PROFILES / f"a100-80gb-{model}-float16.yaml"))
+    assert shipped.prefill_s([(0, 8192)], 8192) == pytest.approx(analytical.attention_s(spec, roof, 8192, 8192),
+                                                                 rel=0.01)

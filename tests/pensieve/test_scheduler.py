@@ -147,7 +147,7 @@ def test_counters_of_running_turns_advance_every_step_without_being_visited():
     assert b.done and b.generated == 7 and not a.done
     d.run(1.0)
     assert a.generated == 12 and sched.cache.conversations["A"].kv_tokens == 16  # the last token's KV is pending
-    assert not a.decoding and sched.clock.ticks == 12
+    assert not a.decoding and sched.clock.ticks == 11  # the clock counts steps with decodes: all but the first
 
 
 def test_complete_takes_only_the_plan_awaiting_completion():
@@ -207,3 +207,38 @@ def test_plain_steps_taken_at_once_equal_steps_planned_one_by_one():
     with pytest.raises(ValueError, match="plain_steps"):
         taken.take_plain_steps(1, 3.2)  # a turn arrived since the offer
     assert taken.plain_steps() is None  # it waits to be admitted
+
+
+def test_prefill_first_runs_prompt_steps_alone_as_vllm_0_2_did():
+    plans = {}
+    for batching in ("unified", "prefill-first"):
+        d = Driver(make_core("pensieve", 100, 0, chunk_tokens=4, batching=batching))
+        a = d.add("A", 0, 0.0, 5, 6)
+        d.step(0.0)  # A's prompt
+        d.step(0.1)  # A decodes
+        b = d.add("B", 0, 0.15, 3, 2)
+        plan, _ = d.step(0.2)
+        plans[batching] = plan
+        d.run(1.0)
+        assert a.generated == 6 and b.generated == 2 and a.done and b.done
+        assert d.sched.cache.conversations["A"].tokens == 11 and d.sched.cache.conversations["B"].tokens == 5
+    unified, first = plans["unified"], plans["prefill-first"]
+    assert unified.decodes == [0] and [p.request_id for p in unified.prefills] == [1]  # one batch of both
+    assert first.decodes == [] and [p.request_id for p in first.prefills] == [1]  # the prompt alone: A waits
+    from pensieve.scheduler import Scheduler
+
+    with pytest.raises(ValueError, match="batching 'fifo'"):
+        Scheduler(d.sched.cache, 64, 4, 0.0, 0.0, 4096, batching="fifo")
+    with pytest.raises(ValueError, match="unified"):  # the scenario schema names what is allowed
+        make_core("pensieve", 10, 0, batching="fifo")
+
+
+def test_prefill_first_decodes_when_no_prompt_can_be_admitted():
+    d = Driver(make_core("pensieve", 8, 0, chunk_tokens=4, batching="prefill-first", max_batch_requests=1))
+    a = d.add("A", 0, 0.0, 5, 4)
+    d.step(0.0)
+    d.add("B", 0, 0.05, 3, 2)  # the request budget is full: B waits, A keeps decoding
+    plan, _ = d.step(0.1)
+    assert plan.decodes == [a.id] and not plan.prefills
+    d.run(1.0)
+    assert all(r.done for r in d.sched.finished) and len(d.sched.finished) == 2
