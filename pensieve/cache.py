@@ -198,6 +198,21 @@ class KVCacheManager:
         elif conv.chunks:
             self.device_victims.update(conv)  # all its chunks are on the device only
 
+    def touch(self, conv: Conversation, now: float) -> None:
+        """A turn of idle `conv` arrived and waits to be admitted: its idle time restarts at `now`, so that
+        conversations nobody is waiting on are evicted ahead of it (queue-aware look-ahead)."""
+        if conv.active:
+            return
+        conv.active = True  # out of every index under its old release number ...
+        for index in self._indexes:
+            index.update(conv)
+        conv.active = False
+        conv.last_active = now
+        conv.released = self._releases
+        self._releases += 1
+        for index in self._indexes:  # ... and back under the new one
+            index.update(conv)
+
     def forget(self, conversation_id) -> None:
         """A conversation that will never return: free all its chunks."""
         conv = self.conversations.pop(conversation_id, None)

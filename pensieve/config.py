@@ -96,6 +96,10 @@ class SchedulerConfig(_Strict):
         default="unified",
         description="unified: prefills and decodes in one batch (Pensieve, §4.2); prefill-first: a step that can "
                     "admit a prompt runs prompts only, as vLLM 0.2's scheduler did (the paper's baseline)")
+    queue_aware: bool = Field(
+        default=False,
+        description="a conversation whose next turn waits in the queue counts as active from the turn's arrival, "
+                    "so idle conversations are evicted ahead of it (CachedAttention's look-ahead)")
     max_batch_tokens: int = Field(default=2048, ge=1)
     max_batch_requests: int = Field(default=256, ge=1)
     decode_reserve: float = Field(default=0.10, ge=0, lt=1)

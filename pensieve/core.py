@@ -48,7 +48,7 @@ def build_core(*, policy: str, cost_model: CostModel, device_slots: int, host_sl
                            bytes_per_chunk=bytes_per_chunk, swap_out_batch=scheduler.swap_out_batch,
                            victim_index=victim_index)
     return Scheduler(cache, scheduler.max_batch_tokens, scheduler.max_batch_requests, scheduler.decode_reserve,
-                     scheduler.swap_out_threshold, max_context, scheduler.batching)
+                     scheduler.swap_out_threshold, max_context, scheduler.batching, scheduler.queue_aware)
 
 
 def build_scheduler(scenario: Scenario, cost_model: CostModel | None = None, policy: str | None = None) -> Scheduler:

@@ -32,7 +32,7 @@ class Scheduler(PlainSteps):
 
     def __init__(self, cache: KVCacheManager, max_batch_tokens: int, max_batch_requests: int,
                  decode_reserve: float, swap_out_threshold: float, max_context: int,
-                 batching: str = "unified") -> None:
+                 batching: str = "unified", queue_aware: bool = False) -> None:
         """Built by `pensieve.core.build_core`; the settings' defaults and meaning are in `SchedulerConfig`."""
         if max_batch_tokens < 1 or max_batch_requests < 1:
             raise ValueError("max_batch_tokens and max_batch_requests must be >= 1")
@@ -41,6 +41,10 @@ class Scheduler(PlainSteps):
         # "prefill-first" is vLLM 0.2's iteration scheduler (the paper's baseline): a step that can admit
         # a waiting prompt runs prompts only, and the running batch decodes in the steps between.
         self.prefill_first = batching == "prefill-first"
+        # Queue-aware look-ahead (as CachedAttention's): a conversation whose next turn waits in the queue is
+        # not idle, so its idle time restarts when the turn arrives. Off by default: the paper counts idle
+        # time from the last release whatever waits.
+        self.queue_aware = queue_aware
         if not (0 <= decode_reserve < 1 and 0 <= swap_out_threshold < 1):
             raise ValueError("decode_reserve and swap_out_threshold are fractions in [0, 1)")
         self.cache = cache
@@ -94,6 +98,8 @@ class Scheduler(PlainSteps):
             raise ValueError(f"request id {request.id} is already in use")
         conv.tokens += request.prompt_tokens
         request.conversation = conv
+        if self.queue_aware:
+            cache.touch(conv, request.arrival)
         self.requests[request.id] = request
         self._open_turns.add(conv.id)
         if self.waiting and _arrival_key(self.waiting[-1]) > _arrival_key(request):

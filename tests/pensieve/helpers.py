@@ -11,12 +11,12 @@ from pensieve.request import Request
 def make_core(policy: str, device: int, host: int, chunk_tokens: int = 4, reserve: float = 0.0,
               threshold: float = 0.0, max_batch_tokens: int = 256, max_batch_requests: int = 16,
               cost: LinearCostModel | None = None, max_context: int = 4096, victim_index=None,
-              batching: str = "unified"):
+              batching: str = "unified", queue_aware: bool = False):
     """A core over a tiny cache, from the factory every driver uses; ahead-of-time swap-out copies
     one chunk past its shortfall."""
     scheduler = SchedulerConfig(max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
                                 decode_reserve=reserve, swap_out_threshold=threshold, swap_out_batch=0.0,
-                                batching=batching)
+                                batching=batching, queue_aware=queue_aware)
     return build_core(policy=policy, cost_model=cost or LinearCostModel(1.0, 1.0), device_slots=device,
                       host_slots=host, chunk_tokens=chunk_tokens, max_context=max_context, scheduler=scheduler,
                       victim_index=victim_index)

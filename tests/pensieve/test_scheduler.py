@@ -242,3 +242,22 @@ def test_prefill_first_decodes_when_no_prompt_can_be_admitted():
     assert plan.decodes == [a.id] and not plan.prefills
     d.run(1.0)
     assert all(r.done for r in d.sched.finished) and len(d.sched.finished) == 2
+
+
+@pytest.mark.parametrize("policy", ["lru", "pensieve"])
+def test_queue_aware_look_ahead_evicts_conversations_nobody_waits_on_first(policy):
+    results = {}
+    for queue_aware in (False, True):
+        d = Driver(make_core(policy, 6, 0, chunk_tokens=4, queue_aware=queue_aware, max_batch_requests=1))
+        d.add("A", 0, 0.0, 7, 1)  # 2 chunks
+        d.run(0.0)
+        d.add("B", 0, 1.0, 7, 1)  # released after A: B is the fresher idle conversation
+        d.run(1.0)
+        d.add("C", 0, 2.0, 11, 1)  # 3 chunks: one must go to admit it ...
+        d.add("A", 1, 2.0, 2, 1)  # ... while A's next turn waits behind it (one request at a time)
+        d.step(2.0)
+        d.sched.check_invariants()
+        results[queue_aware] = {c: conv.drop_end for c, conv in d.sched.cache.conversations.items()}
+    # The paper's idle time: A, released first, loses a chunk though its turn waits. Queue-aware: B does.
+    assert results[False]["A"] > 0 and results[False]["B"] == 0
+    assert results[True]["A"] == 0 and results[True]["B"] > 0
