@@ -47,7 +47,7 @@ def engine_config(scenario: Scenario, policy: str | None = None) -> EngineConfig
     scenario's, and then the scenario's policy params are left out, as `build_scheduler` does)."""
     from pensieve.core import policy_params
 
-    s, c = scenario.scheduler, scenario.cache
+    c = scenario.cache
     return EngineConfig(
         policy=policy or c.policy.type, policy_params=policy_params(scenario, policy), device_cache_gb=c.device_gb,
         host_cache_gb=c.host_gb, chunk_tokens=c.chunk_tokens, scheduler=scenario.scheduler, seed=scenario.seed,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import (Scenario, ScenarioError, apply_values, load_scenario, parse_scenario, replicate, resolve_path,
+from .config import (Scenario, ScenarioError, apply_values, load_scenario, parse_scenario, replicate, resolve_paths,
                      seed_list)
 from .results import request_rows, summary_row
 from .stats import aggregate
@@ -50,11 +50,7 @@ def _scenario(scenario: str | Path | dict | Scenario, overrides: dict[str, Any])
     source = "<scenario>"
     data = scenario.model_dump() if isinstance(scenario, Scenario) else scenario
     parsed = parse_scenario(apply_values(data, values, source), source)
-    here = Path.cwd() / "scenario.yaml"  # paths in a mapping are relative to the working directory
-    return parsed.model_copy(update={
-        "profile": resolve_path(parsed.profile, here, "profile"),
-        "workload": parsed.workload.model_copy(update={"path": resolve_path(parsed.workload.path, here,
-                                                                            "workload.path")})})
+    return resolve_paths(parsed, Path.cwd() / "scenario.yaml")  # a mapping's paths: from the working directory
 
 
 def simulate(scenario: str | Path | dict | Scenario, *, seeds: int | None = None, seed: int | None = None,
@@ -85,10 +81,8 @@ def simulate(scenario: str | Path | dict | Scenario, *, seeds: int | None = None
         summaries.append(run.summary)
         rows.append(summary_row(run.summary, seed=one.seed))
         requests += [{"seed": one.seed, **r} for r in request_rows(run.finished)]
-    summary = pd.DataFrame(rows)
-    numeric = [c for c in summary.columns if c != "seed" and pd.api.types.is_numeric_dtype(summary[c])]
-    means = pd.DataFrame(aggregate(rows, ["policy"], numeric))
-    return Results(summary, means, pd.DataFrame(requests), summaries, base)
+    means = pd.DataFrame(aggregate(rows, ["policy"], exclude=("seed",)))
+    return Results(pd.DataFrame(rows), means, pd.DataFrame(requests), summaries, base)
 
 
 def sweep(scenario: str | Path | dict | Scenario, *, seeds: int | None = None, sweep: dict[str, list] | None = None,
@@ -121,12 +115,9 @@ def sweep(scenario: str | Path | dict | Scenario, *, seeds: int | None = None, s
                     frame.insert(0, key, json.dumps(value) if isinstance(value, (dict, list)) else value)
                 gathered.append(frame)
     table = [{k: v for k, v in row.items() if k != "summary"} for row in rows]
-    summary = pd.DataFrame(table)
     axes = [a for a in base.sweep if a != REPLICATION_AXIS]
-    numeric = [c for c in summary.columns
-               if c not in (*axes, REPLICATION_AXIS) and pd.api.types.is_numeric_dtype(summary[c])]
-    means = pd.DataFrame(aggregate(table, [*axes, "policy"], numeric))
-    return Results(summary, means, pd.concat(gathered, ignore_index=True) if gathered else pd.DataFrame(),
+    means = pd.DataFrame(aggregate(table, [*axes, "policy"], exclude=(REPLICATION_AXIS,)))
+    return Results(pd.DataFrame(table), means, pd.concat(gathered, ignore_index=True) if gathered else pd.DataFrame(),
                    [row["summary"] for row in rows], base)
 
 

@@ -355,9 +355,8 @@ def replicate(points: list[tuple[dict[str, Any], Scenario]], scenario: Scenario)
     that names a `seed` axis itself already replicates, and is left as it is."""
     if scenario.seeds == 1 or REPLICATION_AXIS in scenario.sweep:
         return points
-    return [({**point, REPLICATION_AXIS: point_scenario.seed + i},
-             point_scenario.model_copy(update={"seed": point_scenario.seed + i}))
-            for point, point_scenario in points for i in range(scenario.seeds)]
+    return [({**point, REPLICATION_AXIS: seed}, point_scenario.model_copy(update={"seed": seed}))
+            for point, point_scenario in points for seed in seed_list(point_scenario)]
 
 
 def seed_list(scenario: Scenario) -> list[int]:
@@ -385,6 +384,13 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     source += f" (with {', '.join(f'{k}={v!r}' for k, v in values.items())})" if values else ""
     scenario = parse_scenario(apply_values(apply_overrides(data, overrides, source), values or {}, source), source)
-    updates = {"profile": resolve_path(scenario.profile, path, "profile")}
-    workload = scenario.workload.model_copy(update={"path": resolve_path(scenario.workload.path, path, "workload.path")})
-    return scenario.model_copy(update={**updates, "workload": workload})
+    return resolve_paths(scenario, path)
+
+
+def resolve_paths(scenario: Scenario, scenario_path: str | Path) -> Scenario:
+    """The scenario with its paths (`profile`, `workload.path`) resolved against `scenario_path` and made
+    absolute (see `resolve_path`)."""
+    workload = scenario.workload.model_copy(
+        update={"path": resolve_path(scenario.workload.path, scenario_path, "workload.path")})
+    return scenario.model_copy(update={"profile": resolve_path(scenario.profile, scenario_path, "profile"),
+                                       "workload": workload})

@@ -150,12 +150,8 @@ def plot_sweep(folder: str | Path, rows: list[dict], target_ms: float | None = N
 def _latency_vs_throughput(plt, folder: Path, by_policy: dict, others: list[str], target_ms, search) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.3))
     for policy, points in sorted(by_policy.items()):
-        groups = defaultdict(list)  # one line per value of the other axes
-        for p in points:
-            groups[tuple(p.get(a) for a in others)].append(p)
-        for key, group in groups.items():
-            group.sort(key=lambda r: r["throughput_rps"])
-            label = policy + (" " + ", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(others, key)) if others else "")
+        for key, group in _lines(points, "throughput_rps", others).items():  # one line per value of the others
+            label = _label(policy, others, key)
             line = ax.errorbar([p["throughput_rps"] for p in group], [p["norm_latency_mean_ms"] for p in group],
                                xerr=[_error(p, "throughput_rps") for p in group],
                                yerr=[_error(p, "norm_latency_mean_ms") for p in group], marker="o", capsize=2,

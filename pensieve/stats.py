@@ -61,9 +61,12 @@ def paired_ratio(values, baseline, confidence: float = CONFIDENCE) -> Estimate:
     return estimate([v / b for v, b in pairs], confidence)
 
 
-def aggregate(rows: list[dict], keys: list[str], columns: list[str]) -> list[dict]:
+def aggregate(rows: list[dict], keys: list[str], exclude: tuple[str, ...] = ()) -> list[dict]:
     """Rows grouped by the values of `keys` (a sweep point without its seed), in first-seen order; each
-    numeric column becomes `<column>` (the mean), `<column>_ci95` (the half-width) and `seeds` (the count)."""
+    numeric column of the first row (but `keys` and `exclude`) becomes `<column>` (the mean), `<column>_ci95`
+    (the half-width) and `seeds` (the count)."""
+    columns = [k for k, v in (rows[0] if rows else {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys and k not in exclude]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(repr(row.get(k)) for k in keys), []).append(row)

@@ -13,14 +13,15 @@ from pensieve.config import REPLICATION_AXIS, ScenarioError, expand_sweep, load_
 from pensieve.cli import scenario_overrides
 from pensieve.core import build_cost_model, build_scheduler, rng_for
 from pensieve.outputs import atomic_open, check_new_file, prepare_folder
-from pensieve.plots import LOAD_AXIS, PlotWorker, plot_sweep
+from pensieve.plots import PlotWorker, plot_sweep
 from pensieve.results import SUMMARY_COLUMNS, format_table, request_rows, summary_row, write_results, write_text
-from pensieve.stats import CONFIDENCE, aggregate, estimate, paired_ratio
+from pensieve.stats import CONFIDENCE, Estimate, aggregate, estimate
 from pensieve.workload import (CHARS_PER_TOKEN, TABLE2_COLUMNS, WorkloadError, build_workload, load_counting_tokenizer,
                                skipped_report, table2_rows)
 
 from .driver import simulate
-from .sweep import run_points, throughput_at_target, worker_pool
+from .search import BASELINE_COLUMNS, SearchInterrupted, baseline_table, describe_search, search_variants
+from .sweep import run_points
 
 
 def check_feasible(scenario, workload, source: str, cost) -> None:
@@ -158,10 +159,9 @@ def sweep_command(args) -> int:
         plotted = table
         if REPLICATION_AXIS in axes:
             point_axes = [a for a in axes if a != REPLICATION_AXIS]
-            numeric = [k for k, v in table[0].items() if isinstance(v, (int, float)) and k not in axes]
-            plotted = aggregate(table, [*point_axes, "policy"], numeric)
+            plotted = aggregate(table, [*point_axes, "policy"], exclude=(REPLICATION_AXIS,))
             _write_csv(out / "sweep_mean.csv", plotted)
-            print(f"\nmeans over seeds (± the 95% confidence interval's half-width; sweep_mean.csv):")
+            print("\nmeans over seeds (± the 95% confidence interval's half-width; sweep_mean.csv):")
             print(format_table([_with_intervals(r) for r in plotted],
                                [(a, a) for a in point_axes] + [("seeds", "seeds")] + SUMMARY_COLUMNS))
     plot_axes = [a for a in axes if a != REPLICATION_AXIS]
@@ -173,7 +173,7 @@ def sweep_command(args) -> int:
         return 130
     if args.search:
         try:
-            results = _search(scenario, args, points, target, jobs)
+            results = search_variants(points, args.scenario, target, jobs, args.metric)
         except SearchInterrupted as stop:
             write_text(out / "throughput_at_target.json",
                        json.dumps({**stop.results, "interrupted": True}, indent=1, default=str))
@@ -183,7 +183,7 @@ def sweep_command(args) -> int:
         write_text(out / "throughput_at_target.json", json.dumps(results, indent=1, default=str))
         print(f"\nthroughput at {target} ms/token ({args.metric} normalized latency):")
         for policy, found in results.items():
-            print(f"  {policy:>18}: " + _describe_search(found))
+            print(f"  {policy:>18}: " + describe_search(found))
         comparison = baseline_table(results, args.baseline)
         if not comparison:
             print(f"\nno table against --baseline {args.baseline!r}: the searches were for "
@@ -206,118 +206,8 @@ def _with_intervals(row: dict) -> dict:
     for key, value in row.items():
         half = row.get(f"{key}_ci95")
         if isinstance(value, float) and half is not None:
-            shown[key] = f"{value:.3g}" if half != half else f"{value:.3g} ± {half:.2g}"  # nan: one seed
+            shown[key] = Estimate(value, half, row["seeds"]).format()
     return shown
-
-
-def _describe_search(found: dict) -> str:
-    per_seed = found["per_seed"]
-    passed = [b for b in per_seed.values() if b]
-    if not passed:
-        return "target not met"
-    rps = found["throughput_rps"]
-    text = f"{_fmt(rps)} req/s"
-    if len(per_seed) == 1:
-        text += f" at arrival rate {passed[0]['arrival_rate']:.4g}/s"
-    else:
-        text += f" over {len(per_seed)} seeds (target not met under {len(per_seed) - len(passed)})" \
-            if len(passed) < len(per_seed) else f" over {len(per_seed)} seeds"
-    return text
-
-
-def _fmt(e: dict) -> str:
-    return f"{e['mean']:.4g}" if e["n"] < 2 else f"{e['mean']:.4g} ± {e['half_width']:.2g}"
-
-
-BASELINE_COLUMNS = [("policy", "policy"), ("seeds", "seeds"), ("req/s at target", "throughput"),
-                    ("x baseline", "ratio"), ("difference", "verdict"), ("recomputed", "recomputed_fraction"),
-                    ("ttft p90 s", "ttft_p90_s")]
-
-
-def baseline_table(results: dict, baseline: str) -> list[dict]:
-    """Per policy, against `baseline`: throughput at the target (mean ± interval over seeds), the paired
-    ratio to the baseline's, whether that ratio's interval excludes 1 (a difference larger than the seeds'
-    noise), and at each seed's best point the recomputed share of history tokens and the p90 TTFT."""
-    if baseline not in results:
-        return []
-    base = results[baseline]["per_seed"]
-    rows = []
-    for policy, found in results.items():
-        per_seed = found["per_seed"]
-        seeds = sorted(per_seed, key=str)
-        throughput = [per_seed[s]["throughput_rps"] if per_seed[s] else None for s in seeds]
-        ratio = paired_ratio(throughput, [base[s]["throughput_rps"] if base.get(s) else None for s in seeds])
-        best = [per_seed[s] for s in seeds if per_seed[s]]
-        if policy == baseline:
-            verdict = "baseline" if ratio.n else "baseline: target never met"
-        elif ratio.n == 0:
-            verdict = "no seed where both met the target"
-        elif ratio.n < 2:
-            verdict = "one seed: no interval"
-        else:
-            verdict = "larger than its interval" if ratio.excludes(1.0) else "within its interval (noise)"
-        rows.append({
-            "policy": policy, "seeds": len(seeds), "throughput": estimate(throughput).format(4),
-            "ratio": ratio.format(3), "verdict": verdict,
-            "recomputed_fraction": estimate([b["recomputed_fraction"] for b in best]).format(3),
-            "ttft_p90_s": estimate([b["ttft_p90_s"] for b in best]).format(3),
-        })
-    return rows
-
-
-def _search(scenario, args, points, target: float, jobs: int) -> dict:
-    """Throughput at the latency target per distinct policy among the sweep's points, under each seed:
-    {policy: {"per_seed": {seed: best row or None}, "throughput_rps": mean and interval over the seeds}}."""
-    by_policy: dict = {}
-    for point, point_scenario in points:
-        by_policy.setdefault((variant_label(point, point_scenario), point_scenario.seed), point_scenario)
-    found: dict = {}
-    try:
-        with worker_pool(max(1, min(jobs, len(by_policy)))) as pool:
-            futures = {key: pool.submit(throughput_at_target, s, args.scenario, target, 6, args.metric)
-                       for key, s in by_policy.items()}
-            try:
-                for key, f in futures.items():
-                    found[key] = f.result()
-            except KeyboardInterrupt:  # keep the searches that had finished, in any order
-                for key, f in futures.items():
-                    if key not in found and f.done() and not f.cancelled() and f.exception() is None:
-                        found[key] = f.result()
-                raise
-    except KeyboardInterrupt:
-        raise SearchInterrupted(_by_policy(found), len({p for p, _ in by_policy})) from None
-    return _by_policy(found)
-
-
-def variant_label(point: dict, scenario) -> str:
-    """What a search is for: the policy, plus the sweep's other axes but load and seed (e.g. "stateless
-    (batching=prefill-first)"), so that every variant of a sweep gets its own throughput at the target."""
-    others = [f"{key.split('.')[-1]}={value}" for key, value in point.items()
-              if key not in ("cache.policy", LOAD_AXIS, REPLICATION_AXIS)]
-    policy = scenario.cache.policy.type
-    return f"{policy} ({', '.join(others)})" if others else policy
-
-
-def _by_policy(found: dict) -> dict:
-    results: dict = {}
-    for (policy, seed), result in found.items():
-        results.setdefault(policy, {"per_seed": {}})["per_seed"][seed] = _best(result)
-    for entry in results.values():
-        e = estimate([b["throughput_rps"] if b else None for b in entry["per_seed"].values()])
-        entry["throughput_rps"] = {"mean": e.mean, "half_width": e.half_width, "n": e.n, "confidence": CONFIDENCE}
-    return results
-
-
-class SearchInterrupted(KeyboardInterrupt):
-    """An interrupted --search, with the policies whose search had finished."""
-
-    def __init__(self, results: dict, total: int) -> None:
-        super().__init__()
-        self.results, self.total = results, total
-
-
-def _best(found: dict) -> dict | None:
-    return {k: v for k, v in found["best"].items() if k != "summary"} if found["best"] else None
 
 
 def workload_command(args) -> int:

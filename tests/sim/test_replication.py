@@ -16,7 +16,7 @@ import pensieve
 from pensieve.cli import main
 from pensieve.config import expand_sweep, parse_scenario, replicate
 from pensieve.stats import estimate, paired_ratio
-from sim.commands import baseline_table
+from sim.search import baseline_table
 
 SCENARIO = {
     "name": "rep",
