@@ -73,6 +73,7 @@ class KVCacheManager:
         self.bytes_per_chunk = bytes_per_chunk
         self.order = order_of(policy)
         self.whole_conversation = policy.unit == "conversation"
+        self._notify = policy.per_conversation  # only such policies keep state the notifications feed
         self.conversations: dict[object, Conversation] = {}
         index = victim_index or index_for(policy)
         check_index(policy, index)
@@ -137,6 +138,8 @@ class KVCacheManager:
         conv.active = True
         for index in self._indexes:  # it leaves every index: nothing of it is evictable now
             index.update(conv)
+        if self._notify:
+            self.policy.on_admit(conv, now, n - drop_end)
         # Chunks on both tiers first: their device copy is used and the host copy freed.
         if copy_end > host_end:
             self.host.free += order.take(host, host_end, copy_end - host_end)
@@ -188,6 +191,8 @@ class KVCacheManager:
         conv.last_active = now
         conv.released = self._releases
         self._releases += 1
+        if self._notify:
+            self.policy.on_release(conv, now)
         self.active_slots -= conv.chunks
         # A decode suspended in the step that allocated its next chunk leaves that chunk empty.
         while conv.chunks * self.chunk_tokens - self.chunk_tokens >= conv.kv_tokens and conv.chunks:
@@ -220,6 +225,8 @@ class KVCacheManager:
             return
         assert not conv.active, conversation_id
         self._drop_everything(conv, count=False)
+        if self._notify:
+            self.policy.on_forget(conv)
 
     # ------------------------------------------------------------------ ahead-of-time swap-out
     def swap_out_ahead(self, now: float, threshold: float) -> None:
@@ -389,6 +396,7 @@ class KVCacheManager:
                 conv.drop_end += drop
                 dropped += drop
                 self.host_victims.update(conv)
+                self._check_lost(conv)
             self._count_drops("host", dropped)
         return min(count, len(free))
 
@@ -398,6 +406,7 @@ class KVCacheManager:
         conv.drop_end += count
         self.host_victims.update(conv)
         self._count_drops("host", count)
+        self._check_lost(conv)
 
     def _drop_device_run(self, conv: Conversation, count: int) -> list[int]:
         """Drop the next `count` device-only chunks (a whole-conversation policy: all of them), which
@@ -408,6 +417,7 @@ class KVCacheManager:
         conv.drop_end = conv.host_end = conv.copy_end = conv.copy_end + count
         self.device_victims.update(conv)
         self._count_drops("device", count)
+        self._check_lost(conv)
         return taken
 
     def _drop_everything(self, conv: Conversation, count: bool) -> None:
@@ -427,6 +437,12 @@ class KVCacheManager:
         conv.drop_end = conv.host_end = conv.copy_end = conv.chunks
         for index in self._indexes:
             index.update(conv)
+        self._check_lost(conv)
+
+    def _check_lost(self, conv: Conversation) -> None:
+        """Tell a policy that keeps per-conversation state when a conversation's last kept chunk goes."""
+        if self._notify and conv.drop_end == len(conv.dev) and conv.dev:
+            self.policy.on_lost(conv)
 
     def _count_drops(self, tier: str, count: int) -> None:
         if count:

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-requests", action="store_true",
                    help="keep each point's summary.json, requests.csv and scenario.yaml under points/<index>/")
     p.add_argument("--baseline", default="stateless",
-                   help="policy the final table compares every other against (default: stateless)")
+                   help="policy every other is compared against (default: stateless): throughput at the target with "
+                        "--search, and with seeds every metric at each sweep point, paired by seed")
     _add_seeds(p)
     _add_force(p)
     p.set_defaults(handler="sim.commands:sweep_command")

@@ -44,6 +44,8 @@ def build_core(*, policy: str, cost_model: CostModel, device_slots: int, host_sl
         instance = policy_cls(cost_model, **dict(policy_params or {}))
     except TypeError as exc:
         raise ValueError(f"cache.policy.params: {policy_cls.__name__} does not accept them: {exc}") from None
+    except ValueError as exc:  # a param of the right name with a value the policy refuses
+        raise ValueError(f"cache.policy.params ({policy_cls.name}): {exc}") from None
     cache = KVCacheManager(device_slots, host_slots, chunk_tokens, instance, max_context,
                            bytes_per_chunk=bytes_per_chunk, swap_out_batch=scheduler.swap_out_batch,
                            victim_index=victim_index)

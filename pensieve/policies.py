@@ -13,7 +13,12 @@ A policy decides *which* idle conversation gives up a chunk next; the cache mana
   never rises with idle time at a fixed chunk) or "scan" (anything else; the default).
 
 What a policy minimally implements: a subclass of `EvictionPolicy` with a `score(chunk_index,
-idle_s)`. Lower scores are evicted first. The contract, checked at `bind` (a policy that breaks
+idle_s)`. A policy whose ranking needs more than that (how often a conversation came back, its
+own think time, where a chunk sits in it) sets `per_conversation = True` and implements
+`score_conversation(conv, chunk_index, idle_s)`, reading the conversation and the state it keeps
+through the cache's notifications (`on_admit`, `on_release`, `on_lost`, `on_forget`); such a
+policy is served by the scan index, which scores every idle conversation at each eviction, so a
+score that changes with the policy's own state between evictions is still followed exactly. Lower scores are evicted first. The contract, checked at `bind` (a policy that breaks
 it is refused with `PolicyContractError`): a conversation's chunks score in nondecreasing order
 along the policy's eviction order, at every idle time, so that a conversation's next chunk in
 eviction order is also its lowest-scoring one. A declared `victim_index` is checked the same way.
@@ -25,6 +30,7 @@ import importlib
 import numpy as np
 
 from .cost import CostModel, LinearCostModel
+from .request import Conversation
 
 # An idle time of zero (a conversation that finished this very step) would make Cost/T
 # infinite; the floor keeps scores finite and ordered by cost among equally fresh chunks.
@@ -48,6 +54,7 @@ class EvictionPolicy:
     uses_host_tier = True
     retains_history = True
     victim_index = "scan"
+    per_conversation = False
 
     def __init__(self, cost_model: CostModel | None = None) -> None:
         self.cost_model = cost_model or LinearCostModel()
@@ -61,6 +68,7 @@ class EvictionPolicy:
         profile measured for another chunk size, say) is made nondecreasing here. Then the
         policy's contract is checked.
         """
+        self.chunk_tokens = chunk_tokens
         costs = [self.cost_model.chunk_recompute_s(i * chunk_tokens, chunk_tokens) for i in range(max_chunks + 1)]
         self._chunk_cost = np.maximum.accumulate(costs).tolist()
         self._cost_array = np.asarray(self._chunk_cost)
@@ -77,7 +85,18 @@ class EvictionPolicy:
         declared `victim_index`, at any chunk of a `max_chunks` conversation and idle times from
         0 s to a day (CONTRACT_IDLE_S)."""
         trailing = self.order == "trailing"
-        rows = [[self.score(i, t) for i in range(max_chunks)] for t in CONTRACT_IDLE_S]
+        if self.per_conversation:
+            if self.victim_index != "scan":
+                raise PolicyContractError(f"policy {self.name!r} scores per conversation (per_conversation = True), "
+                                          f"which only the scan index follows exactly; declare victim_index = 'scan'")
+            # A conversation the policy has never been told about, as long as the context allows.
+            stand_in = Conversation(("contract", self.name), 0.0)
+            stand_in.dev = [-1] * max_chunks
+            stand_in.host = [-1] * max_chunks
+            stand_in.tokens = stand_in.kv_tokens = max_chunks * self.chunk_tokens
+            rows = [[self.score_conversation(stand_in, i, t) for i in range(max_chunks)] for t in CONTRACT_IDLE_S]
+        else:
+            rows = [[self.score(i, t) for i in range(max_chunks)] for t in CONTRACT_IDLE_S]
         for t, row in zip(CONTRACT_IDLE_S, rows):
             along = row[::-1] if trailing else row  # scores in eviction order
             for p in range(len(along) - 1):
@@ -116,6 +135,24 @@ class EvictionPolicy:
     def score(self, chunk_index: int, idle_s: float) -> float:
         """Retention value of a conversation's chunk at `chunk_index`, idle for `idle_s` seconds."""
         raise NotImplementedError
+
+    def score_conversation(self, conv: Conversation, chunk_index: int, idle_s: float):
+        """The score of `conv`'s chunk at `chunk_index`, idle for `idle_s` seconds, for a policy that
+        reads the conversation (`per_conversation`); any value that orders (a number or a tuple)."""
+        return self.score(chunk_index, idle_s)
+
+    # Notifications from the cache manager, for policies that keep per-conversation state.
+    def on_admit(self, conv: Conversation, now: float, kept_chunks: int) -> None:
+        """A turn of `conv` is admitted; `kept_chunks` of its history were still kept on some tier."""
+
+    def on_release(self, conv: Conversation, now: float) -> None:
+        """`conv`'s request finished or was suspended: it is idle (evictable) from `now`."""
+
+    def on_lost(self, conv: Conversation) -> None:
+        """`conv`'s last kept chunk was dropped: nothing of its history is cached any more."""
+
+    def on_forget(self, conv: Conversation) -> None:
+        """`conv` will never return: drop what is kept about it."""
 
     def score_array(self, chunk_index: np.ndarray, idle_s: np.ndarray) -> np.ndarray:
         """`score` over arrays; override with a vectorised form (results must match `score` exactly)."""
@@ -190,9 +227,222 @@ class StatelessPolicy(EvictionPolicy):
         return -idle_s
 
 
+# ---------------------------------------------------------------------------------------------
+# The policies other engines ship, ranking conversations (SGLang's radix cache, vLLM's CPU tier,
+# T-LRU). Each ranks a conversation by a class first and its idle time second: a score is the
+# tuple (class, -idle time), lowest evicted first, the same for all of a conversation's chunks
+# unless said otherwise.
+
+
+class _UseCounting(EvictionPolicy):
+    """Counts a conversation's uses: its first turn, and every later turn that found some of its
+    history still kept (SGLang counts a radix node's hits the same way: on insert, then per match)."""
+
+    per_conversation = True
+
+    def __init__(self, cost_model: CostModel | None = None) -> None:
+        super().__init__(cost_model)
+        self.uses: dict[object, int] = {}
+
+    def on_admit(self, conv: Conversation, now: float, kept_chunks: int) -> None:
+        uses = self.uses.get(conv.id)
+        if uses is None:
+            self.uses[conv.id] = 1
+        elif kept_chunks:
+            self.uses[conv.id] = uses + 1
+
+    def on_forget(self, conv: Conversation) -> None:
+        self.uses.pop(conv.id, None)
+
+
+class LfuPolicy(_UseCounting):
+    """Least frequently used conversation first (SGLang's `lfu`), the longer idle first among equals;
+    leading chunks first within a conversation, like `lru`."""
+
+    name = "lfu"
+
+    def score_conversation(self, conv: Conversation, chunk_index: int, idle_s: float):
+        return (self.uses.get(conv.id, 0), -idle_s)
+
+
+class SlruPolicy(_UseCounting):
+    """Segmented LRU (SGLang's `slru`): conversations used fewer than `protect_after` times (by
+    default: never reused yet) form the probationary segment and are evicted first, oldest first;
+    then the protected ones, oldest first. Like SGLang's, the protected segment is not capped."""
+
+    name = "slru"
+
+    def __init__(self, cost_model: CostModel | None = None, protect_after: int = 2) -> None:
+        super().__init__(cost_model)
+        if isinstance(protect_after, bool) or not isinstance(protect_after, int) or protect_after < 1:
+            raise ValueError(f"protect_after must be a whole number of uses >= 1, got {protect_after!r}")
+        self.protect_after = protect_after
+
+    def score_conversation(self, conv: Conversation, chunk_index: int, idle_s: float):
+        return (int(self.uses.get(conv.id, 0) >= self.protect_after), -idle_s)
+
+
+class ArcPolicy(EvictionPolicy):
+    """Adaptive Replacement Cache (Megiddo and Modha, FAST '03; vLLM's CPU tier offers it) over
+    conversations rather than blocks.
+
+    T1 holds conversations used once so far, T2 those reused; a conversation whose whole history
+    was dropped becomes a ghost of its list (B1 or B2). A ghost that comes back moves the target
+    size p of T1: up by max(1, |B2|/|B1|) from B1, down by max(1, |B1|/|B2|) from B2, and joins T2.
+    Eviction takes T1's oldest first while |T1| > p, else T2's oldest (then the other list).
+    Sizes count conversations holding chunks; the ghost lists are not capped (a simulator can keep
+    every conversation's history), and the tie rule for a B2 hit with |T1| = p is left out.
+    """
+
+    name = "arc"
+    per_conversation = True
+
+    def __init__(self, cost_model: CostModel | None = None) -> None:
+        super().__init__(cost_model)
+        self.in_t2: dict[object, bool] = {}  # conversation id -> reused (T2) or not (T1)
+        self.ghosts: set = set()  # conversations whose whole history is dropped
+        self.sizes = {"t1": 0, "t2": 0, "b1": 0, "b2": 0}
+        self.target_t1 = 0.0  # p
+
+    def _count(self, conversation_id, ghost: bool, change: int) -> None:
+        t2 = self.in_t2[conversation_id]
+        key = ("b" if ghost else "t") + ("2" if t2 else "1")
+        self.sizes[key] += change
+
+    def on_admit(self, conv: Conversation, now: float, kept_chunks: int) -> None:
+        cid, sizes = conv.id, self.sizes
+        if cid not in self.in_t2:  # a new conversation
+            self.in_t2[cid] = False
+            sizes["t1"] += 1
+            return
+        if cid in self.ghosts:
+            b1, b2 = sizes["b1"], sizes["b2"]
+            if self.in_t2[cid]:
+                self.target_t1 = max(0.0, self.target_t1 - max(1.0, b1 / b2))
+            else:
+                self.target_t1 = min(float(sizes["t1"] + sizes["t2"] + 1), self.target_t1 + max(1.0, b2 / b1))
+            self._count(cid, True, -1)
+            self.ghosts.discard(cid)
+        else:
+            self._count(cid, False, -1)
+        self.in_t2[cid] = True
+        sizes["t2"] += 1
+
+    def on_lost(self, conv: Conversation) -> None:
+        cid = conv.id
+        if cid in self.in_t2 and cid not in self.ghosts:
+            self._count(cid, False, -1)
+            self.ghosts.add(cid)
+            self._count(cid, True, +1)
+
+    def on_forget(self, conv: Conversation) -> None:
+        cid = conv.id
+        if cid in self.in_t2:
+            self._count(cid, cid in self.ghosts, -1)
+            self.ghosts.discard(cid)
+            del self.in_t2[cid]
+
+    def score_conversation(self, conv: Conversation, chunk_index: int, idle_s: float):
+        t1_first = self.sizes["t1"] > self.target_t1
+        in_t1 = not self.in_t2.get(conv.id, False)
+        return (int(in_t1 != t1_first), -idle_s)
+
+
+class TailOptimizedLruPolicy(EvictionPolicy):
+    """T-LRU (tail-optimized LRU; "Tail-Optimized Caching for LLM Inference", NeurIPS '25; in vLLM
+    and SGLang): a conversation's next prompt of about `next_prompt_tokens` tokens stays within a
+    time-to-first-token budget while it prefills at most `threshold_tokens` uncached tokens, so the
+    first threshold - next_prompt tokens of a conversation in eviction order are safe to evict.
+    Safe chunks go first, oldest conversation first; then the rest, in plain LRU order.
+    Leading-first here, like `lru`; `trailing-tlru` evicts from the end, as vLLM and SGLang do.
+    """
+
+    name = "tlru"
+    per_conversation = True
+
+    def __init__(self, cost_model: CostModel | None = None, threshold_tokens: int = 1024,
+                 next_prompt_tokens: int = 256) -> None:
+        super().__init__(cost_model)
+        for key, value in (("threshold_tokens", threshold_tokens), ("next_prompt_tokens", next_prompt_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be a whole number of tokens >= 0, got {value!r}")
+        self.threshold_tokens, self.next_prompt_tokens = threshold_tokens, next_prompt_tokens
+
+    def bind(self, chunk_tokens: int, max_chunks: int) -> None:
+        # Chunks at eviction positions below this are safe: dropping them and everything before them
+        # leaves at most threshold - next prompt uncached history tokens.
+        self.safe_chunks = max(0, self.threshold_tokens - self.next_prompt_tokens) // chunk_tokens
+        super().bind(chunk_tokens, max_chunks)
+
+    def score_conversation(self, conv: Conversation, chunk_index: int, idle_s: float):
+        position = len(conv.dev) - 1 - chunk_index if self.order == "trailing" else chunk_index
+        return (int(position >= self.safe_chunks), -idle_s)
+
+
+class TrailingTailOptimizedLruPolicy(TailOptimizedLruPolicy):
+    """T-LRU evicting from the end of a conversation, as vLLM's and SGLang's prefix caches do."""
+
+    name = "trailing-tlru"
+    order = "trailing"
+
+
+class SessionAwarePolicy(EvictionPolicy):
+    """Session-aware eviction: the most overdue idle conversation first, from its end.
+
+    A conversation's think time is learnt from its own gaps (release to next arrival), starting
+    from the mean gap over all conversations so far (`prior_gap_s` before any was seen); a
+    conversation idle for many of its own think times has most likely ended, whatever its
+    absolute idle time. Tail-first within a conversation, so its prefix outlives its suffix, as in
+    vLLM's proposed session-aware eviction (which groups blocks into sessions the same way; its
+    exact session ranking is its own).
+    """
+
+    name = "session-aware"
+    order = "trailing"
+    per_conversation = True
+
+    def __init__(self, cost_model: CostModel | None = None, prior_gap_s: float = 60.0) -> None:
+        super().__init__(cost_model)
+        if isinstance(prior_gap_s, bool) or not isinstance(prior_gap_s, (int, float)) or not prior_gap_s > 0:
+            raise ValueError(f"prior_gap_s must be a number of seconds > 0, got {prior_gap_s!r}")
+        self.prior_gap_s = float(prior_gap_s)
+        self.gaps: dict[object, tuple[float, int]] = {}  # conversation id -> (sum of its gaps, count)
+        self.all_gaps = [0.0, 0]
+        self.released_at: dict[object, float] = {}
+
+    def on_release(self, conv: Conversation, now: float) -> None:
+        self.released_at[conv.id] = now
+
+    def on_admit(self, conv: Conversation, now: float, kept_chunks: int) -> None:
+        released = self.released_at.pop(conv.id, None)
+        if released is None:
+            return
+        gap = max(0.0, now - released)
+        total, count = self.gaps.get(conv.id, (0.0, 0))
+        self.gaps[conv.id] = (total + gap, count + 1)
+        self.all_gaps[0] += gap
+        self.all_gaps[1] += 1
+
+    def on_forget(self, conv: Conversation) -> None:
+        self.gaps.pop(conv.id, None)
+        self.released_at.pop(conv.id, None)
+
+    def expected_gap_s(self, conversation_id) -> float:
+        total, count = self.gaps.get(conversation_id, (0.0, 0))
+        if count:
+            return max(total / count, MIN_IDLE_S)
+        seen_total, seen = self.all_gaps
+        return max(seen_total / seen, MIN_IDLE_S) if seen else self.prior_gap_s
+
+    def score_conversation(self, conv: Conversation, chunk_index: int, idle_s: float):
+        return (-idle_s / self.expected_gap_s(conv.id), -idle_s)
+
+
 REGISTRY: dict[str, type[EvictionPolicy]] = {
     cls.name: cls
-    for cls in (PensievePolicy, PensieveGpuPolicy, LruPolicy, ConversationLruPolicy, TrailingLruPolicy, StatelessPolicy)
+    for cls in (PensievePolicy, PensieveGpuPolicy, LruPolicy, ConversationLruPolicy, TrailingLruPolicy, StatelessPolicy,
+                LfuPolicy, SlruPolicy, ArcPolicy, TailOptimizedLruPolicy, TrailingTailOptimizedLruPolicy,
+                SessionAwarePolicy)
 }
 
 

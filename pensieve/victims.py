@@ -29,7 +29,9 @@ indexes differ in how they find it:
   Cost(l)/T): members are grouped by their head's chunk index; within a group the earliest
   release scores lowest, so only group heads are scored, and a k-way merge over them yields
   victims in order;
-- `ScanIndex`: any other policy: every member's head is scored (exact, O(members) per call).
+- `ScanIndex`: any other policy: every member's head is scored (exact, O(members) per call);
+  the only one for policies that score per conversation (`per_conversation`), whose scores may
+  change with the policy's own state between calls.
 """
 from __future__ import annotations
 
@@ -101,8 +103,10 @@ class VictimIndex:
         score is at least the popped one's), and a group's head (place >= 0 in `groups[key]`, release
         numbers resolved by `convs`) brings in the group's next member. The release number is unique
         among entries, so comparisons never reach the conversation."""
-        score, index, first, end = self.policy.score, self.order.index, self.region.first, self.region.end
+        index, first, end = self.order.index, self.region.first, self.region.end
         whole = self.whole
+        per_conversation = self.policy.per_conversation
+        score = self.policy.score_conversation if per_conversation else self.policy.score
         heapq.heapify(heads)
         heappush, heapreplace, heappop = heapq.heappush, heapq.heapreplace, heapq.heappop
         runs: dict[int, list] = {}  # release number -> [conversation, victims so far]
@@ -121,8 +125,9 @@ class VictimIndex:
                 count -= 1
             following = position + 1
             if not whole and following < end(conv):
-                heapreplace(heads, (score(index(len(conv.dev), following), idle), released, conv, idle, following,
-                                    key, -1))
+                chunk = index(len(conv.dev), following)
+                following_score = score(conv, chunk, idle) if per_conversation else score(chunk, idle)
+                heapreplace(heads, (following_score, released, conv, idle, following, key, -1))
             else:
                 heappop(heads)
             if place >= 0:
@@ -283,11 +288,20 @@ class ScanIndex(VictimIndex):
             self._members.pop(conv.id, None)
 
     def take(self, now: float, count: int) -> list[list]:
-        score, index, first = self.policy.score, self.order.index, self.region.first
+        index, first = self.order.index, self.region.first
         heads = []
-        for conv in self._members.values():
-            position, idle = first(conv), now - conv.last_active
-            heads.append((score(index(len(conv.dev), position), idle), conv.released, conv, idle, position, None, -1))
+        if self.policy.per_conversation:
+            score = self.policy.score_conversation
+            for conv in self._members.values():
+                position, idle = first(conv), now - conv.last_active
+                heads.append((score(conv, index(len(conv.dev), position), idle), conv.released, conv, idle, position,
+                              None, -1))
+        else:
+            score = self.policy.score
+            for conv in self._members.values():
+                position, idle = first(conv), now - conv.last_active
+                heads.append((score(index(len(conv.dev), position), idle), conv.released, conv, idle, position,
+                              None, -1))
         return self._merge(heads, now, count)
 
     def __len__(self) -> int:

@@ -20,7 +20,8 @@ from pensieve.workload import (CHARS_PER_TOKEN, TABLE2_COLUMNS, WorkloadError, b
                                skipped_report, table2_rows)
 
 from .driver import simulate
-from .search import BASELINE_COLUMNS, SearchInterrupted, baseline_table, describe_search, search_variants
+from .search import (BASELINE_COLUMNS, PAIRED_METRICS, SearchInterrupted, baseline_table, describe_search,
+                     paired_point_table, search_variants)
 from .sweep import run_points
 
 
@@ -164,6 +165,14 @@ def sweep_command(args) -> int:
             print("\nmeans over seeds (± the 95% confidence interval's half-width; sweep_mean.csv):")
             print(format_table([_with_intervals(r) for r in plotted],
                                [(a, a) for a in point_axes] + [("seeds", "seeds")] + SUMMARY_COLUMNS))
+            paired = paired_point_table(table, point_axes, args.baseline) if "cache.policy" in axes else []
+            if paired:
+                _write_csv(out / "sweep_vs_baseline.csv", paired)
+                print(f"\nagainst {args.baseline} at each point, paired by seed (x baseline ± the 95% interval; "
+                      f"*: larger than the interval; sweep_vs_baseline.csv):")
+                print(format_table(paired, [(a, a) for a in point_axes if a != "cache.policy"]
+                                   + [("policy", "policy"), ("seeds", "seeds")]
+                                   + [(label, f"{metric}_x") for label, metric in PAIRED_METRICS]))
     plot_axes = [a for a in axes if a != REPLICATION_AXIS]
     summaries = [row["summary"] for row in rows]
     if interrupted:

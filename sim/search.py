@@ -1,4 +1,5 @@
-"""Throughput at a latency target per sweep variant and seed, and the table of each variant against a baseline."""
+"""Throughput at a latency target per sweep variant and seed, and the tables of each variant against a baseline:
+throughput at the target (a search), or every metric at each fixed sweep point (a plain sweep with seeds)."""
 from __future__ import annotations
 
 from pensieve.config import REPLICATION_AXIS
@@ -58,6 +59,42 @@ def baseline_table(results: dict, baseline: str) -> list[dict]:
             "ttft_p90_s": estimate([b["ttft_p90_s"] for b in best]).format(3),
         })
     return rows
+
+
+# The metrics a plain sweep compares against its baseline, each as a ratio paired by seed.
+PAIRED_METRICS = [("req/s", "throughput_rps"), ("norm lat mean", "norm_latency_mean_ms"), ("ttft mean", "ttft_mean_s"),
+                  ("host hits", "cpu_hit_fraction"), ("recomputed tokens", "recomputed_tokens")]
+
+
+def paired_point_table(table: list[dict], point_axes: list[str], baseline: str) -> list[dict]:
+    """At each sweep point (its axes but the policy and the seed), each other policy's metrics over the
+    baseline policy's at the same point, as ratios paired by seed (`PAIRED_METRICS`): `<metric>_ratio` (the
+    mean) and `<metric>_ratio_ci95`, and in `<metric>_x` the two formatted with the verdict's mark (`*`:
+    the interval excludes 1, a difference larger than the seeds' noise). Empty when no point has the
+    baseline."""
+    others = [a for a in point_axes if a != "cache.policy"]
+    points: dict[tuple, dict[str, dict]] = {}
+    for row in table:
+        key = tuple(repr(row.get(a)) for a in others)
+        points.setdefault(key, {}).setdefault(row["policy"], {})[row.get(REPLICATION_AXIS)] = row
+    out = []
+    for by_policy in points.values():
+        base = by_policy.get(baseline)
+        if base is None:
+            continue
+        for policy, per_seed in by_policy.items():
+            if policy == baseline:
+                continue
+            seeds = [s for s in per_seed if s in base]
+            first = per_seed[seeds[0]] if seeds else next(iter(per_seed.values()))
+            row = {a: first.get(a) for a in others}
+            row.update(policy=policy, seeds=len(seeds))
+            for _, metric in PAIRED_METRICS:
+                ratio = paired_ratio([per_seed[s].get(metric) for s in seeds], [base[s].get(metric) for s in seeds])
+                row[f"{metric}_ratio"], row[f"{metric}_ratio_ci95"] = ratio.mean, ratio.half_width
+                row[f"{metric}_x"] = ratio.format(3) + (" *" if ratio.excludes(1.0) else "")
+            out.append(row)
+    return out
 
 
 def search_variants(points: list, source: str, target: float, jobs: int, metric: str = "mean") -> dict:

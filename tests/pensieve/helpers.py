@@ -11,7 +11,7 @@ from pensieve.request import Request
 def make_core(policy: str, device: int, host: int, chunk_tokens: int = 4, reserve: float = 0.0,
               threshold: float = 0.0, max_batch_tokens: int = 256, max_batch_requests: int = 16,
               cost: LinearCostModel | None = None, max_context: int = 4096, victim_index=None,
-              batching: str = "unified", queue_aware: bool = False):
+              batching: str = "unified", queue_aware: bool = False, params: dict | None = None):
     """A core over a tiny cache, from the factory every driver uses; ahead-of-time swap-out copies
     one chunk past its shortfall."""
     scheduler = SchedulerConfig(max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
@@ -19,7 +19,7 @@ def make_core(policy: str, device: int, host: int, chunk_tokens: int = 4, reserv
                                 batching=batching, queue_aware=queue_aware)
     return build_core(policy=policy, cost_model=cost or LinearCostModel(1.0, 1.0), device_slots=device,
                       host_slots=host, chunk_tokens=chunk_tokens, max_context=max_context, scheduler=scheduler,
-                      victim_index=victim_index)
+                      victim_index=victim_index, policy_params=params)
 
 
 # A user policy by import path: any score that keeps the contract, served by the exact scan.
@@ -40,8 +40,12 @@ def brute_force_victims(cache, region, now: float, count: int) -> list[tuple]:
     per conversation, in the order of its first victim."""
     policy, order = cache.policy, cache.order
     first, end = region.first, region.end
+
+    def score(c, chunk_index):  # the policy's own score, computed afresh for every chunk
+        return policy.score_conversation(c, chunk_index, now - c.last_active)
+
     if cache.whole_conversation:  # a victim is a conversation, ranked by its head
-        heads = sorted((policy.score(order.index(c.chunks, first(c)), now - c.last_active), c.released, c.id,
+        heads = sorted((score(c, order.index(c.chunks, first(c))), c.released, c.id,
                         end(c) - first(c)) for c in cache.conversations.values()
                        if not c.active and first(c) < end(c))
         runs = []
@@ -51,7 +55,7 @@ def brute_force_victims(cache, region, now: float, count: int) -> list[tuple]:
             runs.append((cid, chunks))
             count -= chunks
         return runs
-    chunks = sorted((policy.score(order.index(c.chunks, p), now - c.last_active), c.released, p, c.id)
+    chunks = sorted((score(c, order.index(c.chunks, p)), c.released, p, c.id)
                     for c in cache.conversations.values() if not c.active for p in range(first(c), end(c)))
     runs: dict = {}  # one run per conversation, in the order of its first victim
     for _, _, _, cid in chunks[:count]:

@@ -119,7 +119,8 @@ def test_stateless_reuses_nothing():
     assert (a.gpu_hit_tokens, a.cpu_hit_tokens, a.recomputed_tokens, a.new_prompt_tokens) == (0, 0, 11, 2)
 
 
-@pytest.mark.parametrize("policy", ["pensieve", "pensieve-gpu", "lru", "conversation-lru", "trailing-lru"])
+@pytest.mark.parametrize("policy", ["pensieve", "pensieve-gpu", "lru", "conversation-lru", "trailing-lru", "lfu", "slru",
+                                    "arc", "tlru", "trailing-tlru", "session-aware"])
 def test_large_cache_recomputes_nothing(policy):
     d = Driver(make_core(policy, 1000, 1000))
     now = 0.0
@@ -158,3 +159,110 @@ def test_unknown_policy_lists_the_allowed_names():
         make_core("fifo", 8, 8)
     with pytest.raises(ValueError, match="cannot be imported"):
         make_core("no_such_module:Policy", 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The policies other engines ship. Victim order is read straight from the device tier's index
+# (`take` answers the next victims without moving anything), one run per conversation.
+
+
+def conversations_with_uses(policy: str, **params):
+    """A used three times (idle longest), B twice, C once (idle shortest); each turn adds 4 tokens."""
+    d = Driver(make_core(policy, 64, 64, params=params))
+    now = 0.0
+    for conv, turns in (("A", 3), ("B", 2), ("C", 1)):
+        for turn in range(turns):
+            d.add(conv, turn, now, 3, 1)
+            now = d.run(now) + 1.0
+    return d, now
+
+
+def next_victims(d, now, count):
+    return [(conv.id, chunks) for conv, chunks in d.sched.cache.device_victims.take(now, count)]
+
+
+def test_lfu_evicts_the_least_used_conversation_first():
+    d, now = conversations_with_uses("lfu")
+    assert next_victims(d, now, 6) == [("C", 1), ("B", 2), ("A", 3)]
+    d_lru, now = conversations_with_uses("lru")
+    assert next_victims(d_lru, now, 6) == [("A", 3), ("B", 2), ("C", 1)]  # the contrast: idle time alone
+
+
+def test_slru_evicts_the_probationary_segment_first_then_the_protected_one_oldest_first():
+    d, now = conversations_with_uses("slru")
+    assert next_victims(d, now, 6) == [("C", 1), ("A", 3), ("B", 2)]
+    d, now = conversations_with_uses("slru", protect_after=3)  # only A is protected now
+    assert next_victims(d, now, 6) == [("B", 2), ("C", 1), ("A", 3)]
+
+
+def test_policy_params_out_of_range_name_the_key():
+    with pytest.raises(ValueError, match=r"cache.policy.params \(slru\): protect_after must be .* got 0"):
+        make_core("slru", 8, 8, params={"protect_after": 0})
+    with pytest.raises(ValueError, match=r"cache.policy.params \(tlru\): threshold_tokens must be"):
+        make_core("tlru", 8, 8, params={"threshold_tokens": -1})
+    with pytest.raises(ValueError, match="does not accept them"):
+        make_core("arc", 8, 8, params={"p": 1})
+
+
+def test_arc_moves_its_target_towards_recency_after_a_recent_ghost_returns():
+    d = Driver(make_core("arc", 8, 0))
+    arc = d.sched.cache.policy
+    d.add("X", 0, 0.0, 7, 1)  # X: used once (T1), 2 chunks
+    d.run(0.0)
+    d.add("Y", 0, 1.0, 7, 1)
+    d.run(1.0)
+    d.add("Y", 1, 2.0, 3, 1)  # Y: reused (T2), 3 chunks
+    d.run(2.0)
+    assert arc.sizes == {"t1": 1, "t2": 1, "b1": 0, "b2": 0} and arc.target_t1 == 0
+    d.add("Z", 0, 3.0, 23, 1)  # Z needs 6 slots, 3 are free: T1 is over its target (0), so X goes first
+    d.run(3.0)
+    assert layout(d, "X") == (2, 2, 2, 2) and layout(d, "Y") == (1, 1, 1, 3)
+    assert arc.sizes == {"t1": 1, "t2": 1, "b1": 1, "b2": 0}  # X is a ghost of T1 (B1); Z is in T1
+    d.add("X", 1, 5.0, 3, 1)  # X comes back from B1: T1 should have been bigger
+    d.run(5.0)
+    assert arc.target_t1 == 1
+    # X needed 3 slots: with |T1| = 1 = p, T2 goes first: Y's 2 device chunks (lost: a ghost of T2),
+    # then Z's leading chunk; without the move of p, Z (T1) would have given all 3.
+    assert layout(d, "Y") == (3, 3, 3, 3) and layout(d, "Z") == (1, 1, 1, 6)
+    assert arc.sizes == {"t1": 1, "t2": 1, "b1": 0, "b2": 1}
+
+
+def two_long_conversations(policy: str, **params):
+    """A (idle longest) and B, 3 chunks each."""
+    d = Driver(make_core(policy, 64, 64, params=params))
+    d.add("A", 0, 0.0, 11, 1)
+    d.run(0.0)
+    d.add("B", 0, 1.0, 11, 1)
+    now = d.run(1.0)
+    return d, now + 1.0
+
+
+def test_tlru_evicts_every_conversations_safe_chunks_before_anyones_protected_ones():
+    # threshold 10 tokens, next prompt 2: 8 tokens (2 chunks) of each conversation are safe
+    d, now = two_long_conversations("tlru", threshold_tokens=10, next_prompt_tokens=2)
+    assert next_victims(d, now, 4) == [("A", 2), ("B", 2)]
+    assert next_victims(d, now, 5) == [("A", 3), ("B", 2)]  # then protected chunks, oldest first
+    d, now = two_long_conversations("lru")
+    assert next_victims(d, now, 4) == [("A", 3), ("B", 1)]
+    d, now = two_long_conversations("tlru", threshold_tokens=10, next_prompt_tokens=8)  # nothing is safe: LRU
+    assert next_victims(d, now, 4) == [("A", 3), ("B", 1)]
+
+
+def test_trailing_tlru_counts_safe_chunks_from_the_end():
+    d, now = two_long_conversations("trailing-tlru", threshold_tokens=8, next_prompt_tokens=0)
+    assert next_victims(d, now, 4) == [("A", 2), ("B", 2)]  # A's last two chunks, then B's
+    a = d.sched.cache.conversations["A"]
+    tlru = d.sched.cache.policy
+    assert [tlru.score_conversation(a, i, 1.0)[0] for i in range(3)] == [1, 0, 0]  # chunk 0 is protected
+
+
+def test_session_aware_evicts_the_conversation_most_overdue_for_its_own_think_time():
+    d = Driver(make_core("session-aware", 64, 64))
+    for conv, turns in (("B", (0.0, 100.0)), ("A", (105.0, 106.0))):  # B comes back after ~100 s, A after ~1 s
+        for turn, at in enumerate(turns):
+            d.add(conv, turn, at, 3, 1)
+            d.run(at)
+    now = 116.0  # A is idle ~10 of its think times, B ~0.16 of its own
+    assert next_victims(d, now, 1) == [("A", 1)]
+    d.sched.cache.policy.gaps["A"] = (1000.0, 1)  # had A's think time been 1000 s, B would be the more overdue
+    assert next_victims(d, now, 1) == [("B", 1)]

@@ -16,7 +16,7 @@ import pensieve
 from pensieve.cli import main
 from pensieve.config import expand_sweep, parse_scenario, replicate
 from pensieve.stats import estimate, paired_ratio
-from sim.search import baseline_table
+from sim.search import baseline_table, paired_point_table
 
 SCENARIO = {
     "name": "rep",
@@ -131,8 +131,32 @@ def test_sweep_with_seeds_aggregates_searches_per_seed_and_compares_with_the_bas
     for name in ("latency_vs_throughput.png", "hit_rates_by_policy.png", "latency_cdf_by_policy.png",
                  "speedup_by_turn.png"):
         assert (out / name).stat().st_size > 1000, name
+    paired = read_csv(out / "sweep_vs_baseline.csv")  # pensieve over stateless at each arrival rate
+    assert [(r["workload.arrival_rate"], r["policy"], r["seeds"]) for r in paired] == [
+        ("0.2", "pensieve", "2"), ("0.5", "pensieve", "2")]
+    by_key = {(r["cache.policy"], r["workload.arrival_rate"], r["seed"]): r for r in rows}
+    ratios = [float(by_key[("pensieve", "0.5", s)]["recomputed_tokens"])
+              / float(by_key[("stateless", "0.5", s)]["recomputed_tokens"]) for s in ("0", "1")]
+    assert float(paired[1]["recomputed_tokens_ratio"]) == pytest.approx(np.mean(ratios))
     printed = capsys.readouterr().out
-    assert "means over seeds" in printed and "against stateless" in printed
+    assert "means over seeds" in printed and "against stateless" in printed and "at each point, paired" in printed
+
+
+def test_the_paired_point_table_pairs_seeds_within_each_point_and_marks_real_differences():
+    def row(policy, rate, seed, recomputed, latency):
+        return {"cache.policy": policy, "workload.arrival_rate": rate, "seed": seed, "policy": policy,
+                "throughput_rps": 1.0, "norm_latency_mean_ms": latency, "ttft_mean_s": 1.0,
+                "cpu_hit_fraction": 0.5, "recomputed_tokens": recomputed}
+    table = [row("base", 1, s, 100 * (s + 1), 10 * (s + 1)) for s in range(3)]
+    table += [row("half", 1, s, 50 * (s + 1), 10 * (s + 1) * (1.1 if s == 0 else 0.9)) for s in range(3)]
+    table += [row("half", 2, 0, 1, 1)]  # a point without the baseline: no row
+    [out] = paired_point_table(table, ["cache.policy", "workload.arrival_rate"], "base")
+    assert out["policy"] == "half" and out["seeds"] == 3 and out["workload.arrival_rate"] == 1
+    assert out["recomputed_tokens_ratio"] == pytest.approx(0.5) and out["recomputed_tokens_ratio_ci95"] == 0
+    assert out["recomputed_tokens_x"] == "0.5 ± 0 *"  # no seed-to-seed spread in the ratio: a real difference
+    assert out["norm_latency_mean_ms_ratio"] == pytest.approx(1.1 / 3 + 0.9 * 2 / 3)
+    assert not out["norm_latency_mean_ms_x"].endswith("*")  # 1.1, 0.9, 0.9: within its interval
+    assert paired_point_table(table, ["cache.policy", "workload.arrival_rate"], "missing") == []
 
 
 def test_a_cache_axis_gets_hit_rate_and_latency_plots_against_the_size(tmp_path):
