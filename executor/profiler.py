@@ -45,6 +45,8 @@ def main(args: Any) -> int:
     """Entry point of `pensieve profile` (arguments as parsed by pensieve.cli)."""
     if args.analytical:
         return write_analytical(args)
+    if getattr(args, "tensor_parallel", 1) != 1:
+        raise ValueError("--tensor-parallel is for --analytical profiles: the profiler measures one device")
     device = resolve_device(args.device or default_device())
     with _threads(device):
         if args.check:
@@ -776,6 +778,10 @@ def measure_cpu_roofline() -> analytical.Roofline:
 def write_analytical(args: Any) -> int:
     """`--analytical GPU`: a roofline profile of a model preset on a published GPU (or this CPU, measured)."""
     gpu = args.analytical.lower()
+    gpus = getattr(args, "tensor_parallel", 1)
+    if gpus != 1 and gpu not in analytical.GPUS:
+        raise ValueError(f"--tensor-parallel {gpus}: only the published GPUs have an interconnect to split a model "
+                         f"over ({', '.join(analytical.GPUS)})")
     name = (args.model or DEFAULT_MODEL).removeprefix(RANDOM_PREFIX).lower()
     if name not in PRESETS:
         raise ValueError(f"--analytical needs a model preset for its dimensions; known: {', '.join(PRESETS)}")
@@ -786,12 +792,13 @@ def write_analytical(args: Any) -> int:
                                              max_batch_tokens=1024, max_decodes=16)
     elif gpu in analytical.GPUS:
         spec = model_spec(name, args.dtype or "float16")
-        data = analytical.analytical_profile(spec, analytical.GPUS[gpu], args.chunk_tokens)
+        data = analytical.analytical_profile(spec, analytical.GPUS[gpu], args.chunk_tokens, tensor_parallel=gpus)
     else:
         raise ValueError(f"--analytical {args.analytical!r}: known devices are "
                          f"{', '.join([*analytical.GPUS, 'cpu'])}")
     suffix = "-analytical" if gpu == "cpu" else ""  # beside a measured profile of the same device
-    out = Path(args.out or f"profiles/{gpu}-{_slug(spec.name)}-{spec.dtype}{suffix}.yaml")
+    gpus_prefix = f"{gpus}x" if gpus > 1 else ""
+    out = Path(args.out or f"profiles/{gpus_prefix}{gpu}-{_slug(spec.name)}-{spec.dtype}{suffix}.yaml")
     dump_profile(data, out)
     print(f"wrote {out}")
     return 0

@@ -210,6 +210,9 @@ def load_scenario_model(scenario: Scenario, source: str, device: str | None = No
 
     from .models import default_device, load_model
 
+    if scenario.tensor_parallel > 1:
+        raise ValueError(f"{source}: tensor_parallel: {scenario.tensor_parallel}: the real executor runs a model on "
+                         "one device; tensor parallelism is simulated only (pensieve simulate / sweep)")
     name = scenario.run.model_path
     if name is None:
         if scenario.model.name != DEFAULT_MODEL:

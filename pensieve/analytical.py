@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .models import ModelSpec
+from .models import ModelSpec, shard
 
 # Kernels per transformer layer in an eager forward (2 norms, q/k/v/o projections, rotary or bias adds,
 # attention, gate/up/down or fc1/fc2, activation, 2 residual adds): each pays one launch or dispatch.
@@ -33,6 +33,11 @@ class Roofline:
     launch_s: float  # fixed cost of one kernel launch (or op dispatch on a CPU)
     overlap_copies: bool  # whether host copies run beside compute (a copy engine) or stall it
     sources: tuple[str, ...] = field(default=())
+    # GPU-to-GPU links for tensor parallelism: an all-reduce's bus bandwidth (bytes/s per GPU, what NCCL's
+    # busbw reports) and its fixed latency. 0: no interconnect (one device only).
+    interconnect: str = ""
+    interconnect_bandwidth: float = 0.0
+    interconnect_latency_s: float = 0.0
 
     def flops(self, dtype: str) -> float:
         if dtype not in self.peak_flops:
@@ -56,6 +61,9 @@ class Roofline:
             "memory_efficiency": self.memory_efficiency,
             "launch_s": _round(self.launch_s),
             "kernels_per_layer": KERNELS_PER_LAYER,
+            **({"interconnect": self.interconnect,
+                "interconnect_bus_bandwidth_gb_s": _round(self.interconnect_bandwidth / 1e9),
+                "interconnect_latency_s": _round(self.interconnect_latency_s)} if self.interconnect_bandwidth else {}),
             "sources": list(self.sources),
         }
 
@@ -81,7 +89,12 @@ GPUS: dict[str, Roofline] = {
             "HBM2e 2,039 GB/s (80GB SXM)",
             "PCIe 4.0 x16: 32 GB/s per direction raw; ~25 GB/s effective for pinned cudaMemcpyAsync "
             "(assumed, typical bandwidthTest figure)",
+            "NVLink 3 through NVSwitch (HGX A100): 600 GB/s per GPU both directions, 300 GB/s each way; an "
+            "all-reduce's bus bandwidth taken as 80% of that (240 GB/s) and 10 us fixed latency (assumed)",
         ),
+        interconnect="NVLink 3 (NVSwitch)",
+        interconnect_bandwidth=240e9,
+        interconnect_latency_s=10e-6,
         **_GPU_EFFICIENCY,
     ),
     "h100-80gb": Roofline(
@@ -94,7 +107,12 @@ GPUS: dict[str, Roofline] = {
             "NVIDIA H100 Tensor Core GPU datasheet (2023): FP16/BF16 Tensor Core 1,979 TFLOPS with sparsity, "
             "989 TFLOPS dense (SXM); HBM3 3.35 TB/s",
             "PCIe 5.0 x16: 64 GB/s per direction raw; ~50 GB/s effective for pinned copies (assumed)",
+            "NVLink 4 through NVSwitch (HGX H100): 900 GB/s per GPU both directions, 450 GB/s each way; an "
+            "all-reduce's bus bandwidth taken as 80% of that (360 GB/s) and 10 us fixed latency (assumed)",
         ),
+        interconnect="NVLink 4 (NVSwitch)",
+        interconnect_bandwidth=360e9,
+        interconnect_latency_s=10e-6,
         **_GPU_EFFICIENCY,
     ),
 }
@@ -150,8 +168,32 @@ def decode_attention_s(spec: ModelSpec, roof: Roofline, decodes: int, kv_len: in
     return spec.layers * max(flops / roof.flops(spec.dtype), io / roof.bandwidth)
 
 
+def all_reduce_s(roof: Roofline, nbytes: float, gpus: int) -> float:
+    """A ring all-reduce of `nbytes` over `gpus` GPUs: each sends and receives 2 (n - 1) / n of the buffer
+    (NCCL's bus-bandwidth convention), plus the fixed latency."""
+    if gpus == 1:
+        return 0.0
+    if not roof.interconnect_bandwidth:
+        raise ValueError(f"roofline {roof.name} has no GPU interconnect, so it cannot price tensor parallelism")
+    return roof.interconnect_latency_s + 2 * (gpus - 1) / gpus * nbytes / roof.interconnect_bandwidth
+
+
+def tensor_parallel_s(spec: ModelSpec, roof: Roofline, gpus: int, tokens: int, sequences: int = 1) -> float:
+    """Megatron-style tensor parallelism's communication for one forward of `tokens` query tokens: two
+    all-reduces of the hidden states per layer (after the attention output and the MLP's down projection),
+    and gathering each sequence's logits from the vocabulary shards (half an all-reduce's traffic). `spec` is
+    the whole model. On the critical path: nothing overlaps them."""
+    if gpus == 1:
+        return 0.0
+    hidden = tokens * spec.hidden_size * spec.dtype_bytes
+    logits = sequences * spec.vocab_size * spec.dtype_bytes
+    gather = roof.interconnect_latency_s + (gpus - 1) / gpus * logits / roof.interconnect_bandwidth
+    return spec.layers * 2 * all_reduce_s(roof, hidden, gpus) + gather
+
+
 def copy_chunk_s(spec: ModelSpec, roof: Roofline, chunk_tokens: int) -> float:
-    """One chunk's K and V, all layers, over the host link."""
+    """One chunk's K and V, all layers, over the host link (`spec`: one GPU's share; the GPUs copy their
+    shares over their own links at once)."""
     return chunk_tokens * spec.kv_bytes_per_token / roof.link_bandwidth
 
 
@@ -180,26 +222,44 @@ def analytical_profile(
     max_context: int | None = None,
     max_batch_tokens: int | None = None,
     max_decodes: int = 256,
+    tensor_parallel: int = 1,
 ) -> dict:
-    """A profile dict (the YAML format of profiles/README.md) with roofline times for `spec` on `roof`."""
+    """A profile dict (the YAML format of profiles/README.md) with roofline times for `spec` on `roof`, split
+    over `tensor_parallel` GPUs: every table is one GPU's time for its share (`shard`), plus the all-reduces
+    (`tensor_parallel_s`) in the non-attention table; the GPUs run in lockstep, so that is the step's time."""
     max_context = max_context or spec.max_context
     max_batch_tokens = max_batch_tokens or max_context
     kv_lens = _powers(chunk_tokens, max_context)
     layers = spec.layers
+    gpus = tensor_parallel
+    whole, spec = spec, shard(spec, gpus)  # `spec` is one GPU's share from here on
     chunk_s = copy_chunk_s(spec, roof, chunk_tokens)
     r = _round
+
+    def non_attention(tokens: int, sequences: int = 1) -> float:
+        return non_attention_s(spec, roof, tokens, sequences) + tensor_parallel_s(whole, roof, gpus, tokens, sequences)
+
     copy = {
         "chunk_s": r(chunk_s),
         "layer_chunk_s": r(chunk_s / layers),
         "bytes_per_chunk": chunk_tokens * spec.kv_bytes_per_token,
         "bandwidth_gb_s": r(roof.link_bandwidth / 1e9),
     }
+    parallel = {} if gpus == 1 else {
+        "tensor_parallel": gpus,
+        "notes": f"tensor parallelism over {gpus} GPUs (Megatron-style): tables are one GPU's time for its share "
+                 f"({spec.heads} of {whole.heads} heads, {spec.kv_heads} of {whole.kv_heads} KV heads, "
+                 f"{spec.intermediate_size} of {whole.intermediate_size} MLP width), plus two all-reduces of the "
+                 f"hidden states per layer and the logits gather in non_attention_s and per_sequence_s; copies "
+                 f"and bytes_per_chunk are one GPU's share over its own host link",
+    }
     return {
         "format": 1,
         "source": "analytical",
         "device": roof.name,
         "device_detail": roof.description,
-        "model": {"name": spec.name, "dims": {k: v for k, v in spec.to_dict().items() if k != "name"}},
+        "model": {"name": whole.name, "dims": {k: v for k, v in whole.to_dict().items() if k != "name"}},
+        **parallel,
         "dtype": spec.dtype,
         "chunk_tokens": chunk_tokens,
         "overlap_copies": roof.overlap_copies,
@@ -222,8 +282,8 @@ def analytical_profile(
             "decode_attention_s": {
                 n: {L: r(decode_attention_s(spec, roof, n, L)) for L in kv_lens} for n in _powers(1, max_decodes)
             },
-            "non_attention_s": {n: r(non_attention_s(spec, roof, n)) for n in _powers(1, max_batch_tokens)},
-            "per_sequence_s": r(non_attention_s(spec, roof, 1, 2) - non_attention_s(spec, roof, 1, 1)),
+            "non_attention_s": {n: r(non_attention(n)) for n in _powers(1, max_batch_tokens)},
+            "per_sequence_s": r(non_attention(1, 2) - non_attention(1, 1)),
             "copy_s": {"device_to_host": copy, "host_to_device": dict(copy)},
             "step_overhead_s": r(KERNELS_PER_LAYER * layers * roof.launch_s),
         },

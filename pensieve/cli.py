@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of profiling: run off-grid mixed batches and report measured vs predicted step time")
     p.add_argument("--analytical", default=None, metavar="GPU",
                    help="instead of measuring: write a roofline profile for a published GPU (a100-80gb, h100-80gb)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="with --analytical: the model split over N GPUs of that kind on their NVLink (default 1)")
     p.set_defaults(handler="executor.profiler:main")
 
     p = sub.add_parser("compare", help="pensieve against stateless recompute on the same conversations (real model)")

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .cache import SWAP_OUT_BATCH
-from .models import ARCHITECTURES, DEFAULT_MODEL, DTYPE_BYTES, PRESETS, ModelSpec
+from .models import ARCHITECTURES, DEFAULT_MODEL, DTYPE_BYTES, PRESETS, ModelSpec, shard
 from .policies import policy_class
 from .textfiles import NotUtf8, read_utf8
 from .tiers import MAX_SLOTS
@@ -166,6 +166,11 @@ class Scenario(_Strict):
                        description="replications: each point runs under seeds seed, seed + 1, ... (means with 95% "
                                    "confidence intervals are reported)")
     model: ModelDims = Field(default_factory=lambda: ModelDims(**PRESETS[DEFAULT_MODEL].to_dict()))
+    tensor_parallel: int = Field(
+        default=1, ge=1, le=64,
+        description="GPUs one model instance is split over (Megatron-style tensor parallelism, simulated); "
+                    "cache.device_gb and cache.host_gb are then per GPU, each GPU holding its heads' share of "
+                    "every token's KV, and the profile must be one for this degree")
     profile: str | None = Field(default=None, description="cost-model profile YAML (relative to the scenario file)")
     cache: CacheConfig
     cost_model: LinearCostConfig = LinearCostConfig()
@@ -198,7 +203,11 @@ class Scenario(_Strict):
     def _fits(self) -> "Scenario":
         if self.cache.chunk_tokens > self.model.max_context:
             raise ValueError(f"cache.chunk_tokens {self.cache.chunk_tokens} exceeds the model's context")
-        bytes_per_chunk = self.model_spec.kv_bytes_per_token * self.cache.chunk_tokens
+        try:
+            spec = self.gpu_spec
+        except ValueError as exc:
+            raise ValueError(f"{exc}; set tensor_parallel to a degree that does") from None
+        bytes_per_chunk = spec.kv_bytes_per_token * self.cache.chunk_tokens
         for key in ("device_gb", "host_gb"):
             slots = getattr(self.cache, key) * 1e9 // bytes_per_chunk
             if slots > MAX_SLOTS:
@@ -215,6 +224,11 @@ class Scenario(_Strict):
     @property
     def model_spec(self) -> ModelSpec:
         return ModelSpec(**self.model.model_dump())
+
+    @property
+    def gpu_spec(self) -> ModelSpec:
+        """One GPU's share of the model (the model itself without tensor parallelism): what sizes the tiers."""
+        return shard(self.model_spec, self.tensor_parallel)
 
 
 def _format_location(loc: tuple) -> str:

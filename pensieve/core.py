@@ -27,7 +27,7 @@ def build_cost_model(scenario: Scenario, source: str = "<scenario>") -> CostMode
         from .profile import ProfileCostModel, check_profile_matches, load_profile
 
         profile = load_profile(scenario.profile)
-        check_profile_matches(profile, scenario.model_spec, source)
+        check_profile_matches(profile, scenario.model_spec, source, scenario.tensor_parallel)
         return ProfileCostModel(profile)
     cfg = scenario.cost_model
     return LinearCostModel(cfg.a, cfg.c)
@@ -56,7 +56,7 @@ def build_core(*, policy: str, cost_model: CostModel, device_slots: int, host_sl
 def build_scheduler(scenario: Scenario, cost_model: CostModel | None = None, policy: str | None = None) -> Scheduler:
     """The scenario's core: tiers sized from GB and the model's KV bytes. `policy` overrides the
     scenario's (and then its params, which belong to the scenario's policy, are left out)."""
-    spec = scenario.model_spec
+    spec = scenario.gpu_spec  # each GPU's tiers hold its share of every token's KV
     cache = scenario.cache
     bytes_per_chunk = spec.kv_bytes_per_token * cache.chunk_tokens
     return build_core(

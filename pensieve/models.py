@@ -1,7 +1,7 @@
 """Model dimensions the core needs (KV bytes per token, cost-model inputs), without torch."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gpt2", "opt")
@@ -45,6 +45,34 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_tensor_parallel(spec: ModelSpec, tensor_parallel: int) -> None:
+    """Refuse (ValueError) a tensor-parallel degree that does not split `spec` evenly: its attention heads and
+    MLP width must divide by it, and its KV heads must divide by it or divide it (fewer KV heads than GPUs
+    are replicated, as Megatron and vLLM do)."""
+    n = tensor_parallel
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"tensor_parallel must be a whole number of GPUs >= 1, got {n!r}")
+    problems = [f"{key} {getattr(spec, key)}" for key in ("heads", "intermediate_size") if getattr(spec, key) % n]
+    if spec.kv_heads % n and n % spec.kv_heads:
+        problems.append(f"kv_heads {spec.kv_heads} (neither divides the other)")
+    if problems:
+        raise ValueError(f"tensor_parallel {n} does not split model {spec.name} evenly: {', '.join(problems)}")
+
+
+def shard(spec: ModelSpec, tensor_parallel: int) -> ModelSpec:
+    """One GPU's share of `spec` under Megatron-style tensor parallelism over `tensor_parallel` GPUs: attention
+    heads, KV heads (one replicated copy each when there are fewer than GPUs) and the MLP's inner width split
+    evenly, the LM head's vocabulary split; the hidden size (residual stream and norms) whole on every GPU.
+    Its `kv_bytes_per_token` is one GPU's share of a token's KV, what each GPU's cache tiers hold."""
+    check_tensor_parallel(spec, tensor_parallel)
+    n = tensor_parallel
+    if n == 1:
+        return spec
+    return replace(spec, name=f"{spec.name} (1 of {n} GPUs)", heads=spec.heads // n,
+                   kv_heads=max(1, spec.kv_heads // n), intermediate_size=spec.intermediate_size // n,
+                   vocab_size=-(-spec.vocab_size // n))
 
 
 # Published dimensions. Llama-2-13B has 10 KV heads as the Pensieve paper modified it (§6.1);

@@ -68,7 +68,7 @@ class EvictionPolicy:
         profile measured for another chunk size, say) is made nondecreasing here. Then the
         policy's contract is checked.
         """
-        self.chunk_tokens = chunk_tokens
+        self._chunk_tokens = chunk_tokens
         costs = [self.cost_model.chunk_recompute_s(i * chunk_tokens, chunk_tokens) for i in range(max_chunks + 1)]
         self._chunk_cost = np.maximum.accumulate(costs).tolist()
         self._cost_array = np.asarray(self._chunk_cost)
@@ -93,7 +93,7 @@ class EvictionPolicy:
             stand_in = Conversation(("contract", self.name), 0.0)
             stand_in.dev = [-1] * max_chunks
             stand_in.host = [-1] * max_chunks
-            stand_in.tokens = stand_in.kv_tokens = max_chunks * self.chunk_tokens
+            stand_in.tokens = stand_in.kv_tokens = max_chunks * self._chunk_tokens
             rows = [[self.score_conversation(stand_in, i, t) for i in range(max_chunks)] for t in CONTRACT_IDLE_S]
         else:
             rows = [[self.score(i, t) for i in range(max_chunks)] for t in CONTRACT_IDLE_S]

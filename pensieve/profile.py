@@ -38,7 +38,8 @@ class ProfileError(ValueError):
 
 # Every key a profile may hold, so that a misspelt one ("prefil_attention_s", or "unit: ms" read as
 # seconds) is an error rather than silently ignored.
-TOP_KEYS = ("format", "source", "analytical", "method", "device", "device_detail", "model", "dtype", "chunk_tokens",
+TOP_KEYS = ("format", "source", "analytical", "method", "device", "device_detail", "model", "tensor_parallel", "dtype",
+            "chunk_tokens",
             "overlap_copies", "versions", "date", "tables", "profile_seconds", "repeats", "runtime", "notes")
 TABLE_KEYS = ("chunk_attention_s", "decode_attention_s", "non_attention_s", "per_sequence_s", "step_overhead_s",
               "copy_s", "prefill_attention_s", "fresh_prefill_attention_s")
@@ -116,6 +117,7 @@ class Profile:
     model: ModelSpec
     chunk_tokens: int
     overlap_copies: bool
+    tensor_parallel: int = 1  # GPUs the model is split over; the tables are one GPU's share
 
     @property
     def dtype(self) -> str:
@@ -160,7 +162,10 @@ def profile_from_dict(data: Any, source: str = "<dict>") -> Profile:
     _get(source, data, "date", "", str, "an ISO date, quoted")
     tables = _get(source, data, "tables", "", dict, "the timing tables")
     _check_tables(source, tables, chunk)
-    return Profile(source, data, kind, device, spec, chunk, overlap)
+    gpus = data.get("tensor_parallel", 1)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise _fail(source, "tensor_parallel", f"expected a whole number of GPUs >= 1, got {gpus!r}")
+    return Profile(source, data, kind, device, spec, chunk, overlap, gpus)
 
 
 def _check_tables(source: str, tables: dict, chunk: int) -> None:
@@ -241,8 +246,15 @@ def dump_profile(data: dict, path: str | Path) -> Profile:
     return profile
 
 
-def check_profile_matches(profile: Profile, model: ModelSpec, source_name: str) -> None:
-    """Raise ProfileError unless `profile` was made for a model with `model`'s dimensions and dtype."""
+def check_profile_matches(profile: Profile, model: ModelSpec, source_name: str, tensor_parallel: int = 1) -> None:
+    """Raise ProfileError unless `profile` was made for a model with `model`'s dimensions and dtype, split over
+    `tensor_parallel` GPUs."""
+    if profile.tensor_parallel != tensor_parallel:
+        raise ProfileError(
+            f"{source_name}: profile {profile.path} times {profile.model.name} split over {profile.tensor_parallel} "
+            f"GPU(s) (its tensor_parallel) but the scenario sets tensor_parallel: {tensor_parallel}; write a "
+            f"matching one with `pensieve profile --analytical <gpu> --model {model.name} --tensor-parallel "
+            f"{tensor_parallel}`")
     diffs = [f"{key} {getattr(profile.model, key)!r} vs {getattr(model, key)!r}"
              for key in TIMING_DIMS if getattr(profile.model, key) != getattr(model, key)]
     if diffs:

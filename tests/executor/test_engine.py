@@ -32,6 +32,8 @@ EXPECTED_EVENTS = {
     "conversation-lru": {"swap_out", "swap_in", "drop"},
     "trailing-lru": {"swap_out", "swap_in", "drop"},
     "stateless": {"drop"},
+    **{leading: {"swap_out", "swap_in", "drop", "split_prefill_with_decodes"} for leading in ("lfu", "slru", "arc", "tlru")},
+    **{trailing: {"swap_out", "swap_in", "drop"} for trailing in ("trailing-tlru", "session-aware")},
 }
 
 

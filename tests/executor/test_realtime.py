@@ -98,3 +98,15 @@ def test_real_run_prompts_are_the_same_in_every_process():
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
     assert len(runs) == 1 and runs.pop().startswith("[")
+
+
+def test_the_real_executor_refuses_tensor_parallelism(tmp_path: Path) -> None:
+    from executor.realtime import load_scenario_model
+    from pensieve.config import load_scenario
+
+    data = yaml.safe_load(scenario_file(tmp_path).read_text())
+    data.update(model="opt-66b", tensor_parallel=4, profile=None)
+    path = tmp_path / "tp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match="tensor_parallel: 4: the real executor runs a model on one device"):
+        load_scenario_model(load_scenario(path), str(path))

@@ -313,11 +313,14 @@ def test_shipped_profiles_load_and_match_their_presets():
     paths = sorted(PROFILES.glob("*.yaml"))
     assert {p.name for p in paths} >= {
         "cpu-smollm2-135m-float32.yaml", "a100-80gb-opt-13b-float16.yaml", "a100-80gb-llama-2-13b-float16.yaml",
-        "h100-80gb-opt-13b-float16.yaml", "h100-80gb-llama-2-13b-float16.yaml"}
+        "h100-80gb-opt-13b-float16.yaml", "h100-80gb-llama-2-13b-float16.yaml",
+        "4xa100-80gb-opt-66b-float16.yaml", "4xa100-80gb-llama-2-70b-float16.yaml"}
     for path in paths:
         profile = load_profile(path)
         preset = next(s for s in PRESETS.values() if f"-{s.name}-" in path.name)
-        check_profile_matches(profile, preset.with_dtype(profile.dtype), path.name)
+        gpus = int(path.name.split("x", 1)[0]) if path.name[0].isdigit() else 1
+        assert profile.tensor_parallel == gpus, path.name
+        check_profile_matches(profile, preset.with_dtype(profile.dtype), path.name, gpus)
 
 
 def test_compare_tables_reports_ratios():
