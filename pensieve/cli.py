@@ -91,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p)
     p.set_defaults(handler="sim.commands:sweep_command")
 
+    p = sub.add_parser("paper", help="the paper's six headline rows: each model and dataset's throughput at its "
+                                     "latency target, pensieve against the vLLM-0.2-style baseline and stateless")
+    p.add_argument("--scenarios", default="scenarios/paper", help="folder of the paper's scenario files "
+                                                                  "(default: scenarios/paper)")
+    p.add_argument("--out", default="results/paper", help="results folder (default: results/paper)")
+    p.add_argument("--jobs", type=int, default=None, help="local processes (default: one per core)")
+    _add_set(p)
+    _add_seeds(p)
+    _add_force(p)
+    p.set_defaults(handler="sim.paper:paper_command")
+
     p = sub.add_parser("workload", help="write a scenario's workload (synthetic, ShareGPT, a trace or another format) "
                                         "as a JSONL trace, with its Table-2 statistics")
     p.add_argument("scenario", help="scenario YAML")
