@@ -18,7 +18,9 @@ own think time, where a chunk sits in it) sets `per_conversation = True` and imp
 `score_conversation(conv, chunk_index, idle_s)`, reading the conversation and the state it keeps
 through the cache's notifications (`on_admit`, `on_release`, `on_lost`, `on_forget`); such a
 policy is served by the scan index, which scores every idle conversation at each eviction, so a
-score that changes with the policy's own state between evictions is still followed exactly. Lower scores are evicted first. The contract, checked at `bind` (a policy that breaks
+score that changes with the policy's own state between evictions is still followed exactly.
+
+Lower scores are evicted first. The contract, checked at `bind` (a policy that breaks
 it is refused with `PolicyContractError`): a conversation's chunks score in nondecreasing order
 along the policy's eviction order, at every idle time, so that a conversation's next chunk in
 eviction order is also its lowest-scoring one. A declared `victim_index` is checked the same way.
@@ -408,6 +410,8 @@ class SessionAwarePolicy(EvictionPolicy):
         self.prior_gap_s = float(prior_gap_s)
         self.gaps: dict[object, tuple[float, int]] = {}  # conversation id -> (sum of its gaps, count)
         self.all_gaps = [0.0, 0]
+        # Its own record of release times: queue-aware look-ahead moves a conversation's last_active to its
+        # next turn's arrival, which would hide the think time.
         self.released_at: dict[object, float] = {}
 
     def on_release(self, conv: Conversation, now: float) -> None:

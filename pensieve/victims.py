@@ -288,20 +288,13 @@ class ScanIndex(VictimIndex):
             self._members.pop(conv.id, None)
 
     def take(self, now: float, count: int) -> list[list]:
-        index, first = self.order.index, self.region.first
+        # score_conversation is `score` itself for a policy that does not read the conversation
+        score, index, first = self.policy.score_conversation, self.order.index, self.region.first
         heads = []
-        if self.policy.per_conversation:
-            score = self.policy.score_conversation
-            for conv in self._members.values():
-                position, idle = first(conv), now - conv.last_active
-                heads.append((score(conv, index(len(conv.dev), position), idle), conv.released, conv, idle, position,
-                              None, -1))
-        else:
-            score = self.policy.score
-            for conv in self._members.values():
-                position, idle = first(conv), now - conv.last_active
-                heads.append((score(index(len(conv.dev), position), idle), conv.released, conv, idle, position,
-                              None, -1))
+        for conv in self._members.values():
+            position, idle = first(conv), now - conv.last_active
+            heads.append((score(conv, index(len(conv.dev), position), idle), conv.released, conv, idle, position,
+                          None, -1))
         return self._merge(heads, now, count)
 
     def __len__(self) -> int:

@@ -20,7 +20,8 @@ from pensieve.outputs import prepare_folder
 from pensieve.results import format_table, write_text
 from pensieve.stats import estimate, paired_ratio
 
-from .search import variant_label
+from .commands import _write_csv
+from .search import _best, variant_label
 from .sweep import throughput_at_target, worker_pool
 
 # (scenario file, model, dataset, the paper's throughput ratio of Pensieve over vLLM 0.2 at the target, §6.2)
@@ -72,12 +73,9 @@ def paper_command(args) -> int:
     wall_s = time.monotonic() - started
     targets = {name: target for (name, _, _), (_, _, target) in searches.items()}
     rows = headline_rows(found, targets)
-    raw = {f"{name} | {variant} | seed {seed}": result.get("best") and
-           {k: v for k, v in result["best"].items() if k != "summary"} for (name, variant, seed), result in found.items()}
+    raw = {f"{name} | {variant} | seed {seed}": _best(result) for (name, variant, seed), result in found.items()}
     write_text(out / "throughput_at_target.json", json.dumps(raw, indent=1, default=str))
     if rows:
-        from .commands import _write_csv
-
         _write_csv(out / "headline.csv", rows)
         print(format_table(rows, TABLE))
     print(f"{len(found)} searches in {wall_s:.0f} s; results: {out}/ (headline.csv, throughput_at_target.json)")
