@@ -27,6 +27,28 @@ from pensieve.tiers import slots_for
 
 # (request ids in batch order, their logits [n, vocab]) after every forward: tests compare logits.
 LogitsHook = Callable[[list[int], torch.Tensor], None]
+# Called with each token a request samples, in the step that samples it; True ends the request with
+# that token (a stop string completed, say), as EOS would.
+StopCheck = Callable[[int], bool]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One request's own sampling settings (a served API request's), instead of the engine's.
+
+    `seed`: the request draws from its own generator, so its tokens do not depend on what else is
+    batched with it. `min_tokens`: EOS cannot be sampled before that many tokens (vLLM's meaning).
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.min_tokens < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and min_tokens >= 0, got {self.temperature}, "
+                             f"{self.top_p} and {self.min_tokens}")
 
 
 @dataclass(frozen=True)
@@ -116,14 +138,20 @@ class Engine:
         self._ids: dict[Hashable, list[int]] = {}  # conversation -> all its token ids (prompts and answers)
         self._generated: dict[int, list[int]] = {}
         self._stop_at_eos: set[int] = set()
+        self._sampling: dict[int, Sampling] = {}  # requests with their own sampling settings
+        self._generators: dict[int, torch.Generator] = {}  # seeded requests' own generators
+        self._stop_checks: dict[int, StopCheck] = {}
+        self._cancelled: set[int] = set()  # to end at the next token they sample
         self._turns: dict[Hashable, int] = {}
         self._next_id = 0
 
     # ------------------------------------------------------------------ intake
     def add_request(self, conversation_id: Hashable, prompt_ids: Sequence[int], max_new_tokens: int,
-                    arrival: float, stop_at_eos: bool = False, turn: int | None = None) -> Request:
+                    arrival: float, stop_at_eos: bool = False, turn: int | None = None, *,
+                    sampling: Sampling | None = None, stop_check: StopCheck | None = None) -> Request:
         """Queue the next turn of a conversation: `prompt_ids` follow its history, up to `max_new_tokens` come back.
 
+        `sampling`: the request's own settings (default: the engine's). `stop_check`: see `StopCheck`.
         Raises ValueError, changing nothing, when the turn cannot fit the model's context or the device tier.
         """
         prompt = [int(t) for t in prompt_ids]
@@ -144,8 +172,21 @@ class Engine:
         self._generated[request.id] = []
         if stop_at_eos:
             self._stop_at_eos.add(request.id)
+        if sampling is not None:
+            self._sampling[request.id] = sampling
+            if sampling.seed is not None:
+                self._generators[request.id] = torch.Generator(self.loaded.device).manual_seed(sampling.seed)
+        if stop_check is not None:
+            self._stop_checks[request.id] = stop_check
         self._turns[conversation_id] = turn + 1
         return request
+
+    def cancel(self, request_id: int) -> None:
+        """End a request at the next token it samples (its client went away). Everything up to that
+        token stays in its conversation's history, as after EOS: the core's bookkeeping never sees a
+        half-done step. A request that has not started yet still runs its prefill first."""
+        if request_id in self.requests and not self.requests[request_id].done:
+            self._cancelled.add(request_id)
 
     def _check_fits(self, conversation_id: Hashable, history: int, prompt: int, max_new_tokens: int) -> None:
         total = history + prompt + max_new_tokens
@@ -176,7 +217,23 @@ class Engine:
         result = self.execute(plan)
         finished = self.scheduler.complete(plan, result, now + result.duration_s)
         self._record(plan, result)
+        for request in finished:
+            self._forget_request_settings(request.id)
         return plan, finished
+
+    def forget_request(self, request_id: int) -> None:
+        """Drop what is kept of a finished request (its tokens stay in its conversation): a server
+        that runs for days keeps nothing per request."""
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request {request_id} has not finished")
+        for table in (self.requests, self.prefill_s, self.prompt_start, self._generated):
+            table.pop(request_id, None)
+
+    def _forget_request_settings(self, request_id: int) -> None:
+        for table in (self._sampling, self._generators, self._stop_checks):
+            table.pop(request_id, None)
+        self._cancelled.discard(request_id)
+        self._stop_at_eos.discard(request_id)
 
     def run_until_idle(self, clock: Callable[[], float] = time.perf_counter) -> list[Request]:
         """Step until no request waits or runs, reading `now` from `clock`; the requests that finished."""
@@ -200,14 +257,41 @@ class Engine:
             logits = self.runner.forward(seqs)  # [n, vocab]
             if self.logits_hook is not None:
                 self.logits_hook(request_ids, logits)
-            cfg = self.config
-            sampled = sample(logits, cfg.temperature, cfg.top_p, self.generator).tolist()  # syncs the device
+            if any(rid in self._sampling for rid in request_ids):
+                sampled = self._sample_each(request_ids, logits)
+            else:
+                cfg = self.config
+                sampled = sample(logits, cfg.temperature, cfg.top_p, self.generator).tolist()  # syncs the device
             tokens = dict(zip(request_ids, sampled))
         elif self.store.device.type == "cuda":
             self.store.synchronize()  # a copies-only step: its time is the copies'
-        stopped = frozenset(rid for rid, t in tokens.items() if rid in self._stop_at_eos and t in self.eos_token_ids)
+        stopped = frozenset(rid for rid, t in tokens.items() if self._stops(rid, t))
         self.last_step_s = time.perf_counter() - start
         return StepResult(tokens, stopped, self.last_step_s)
+
+    def _stops(self, request_id: int, token: int) -> bool:
+        """Whether `token` ends its request early: EOS (when asked), its stop check, or a cancellation."""
+        check = self._stop_checks.get(request_id)
+        stop = check is not None and check(token)  # called for every token: it follows the text
+        return (stop or request_id in self._cancelled
+                or (request_id in self._stop_at_eos and token in self.eos_token_ids))
+
+    def _sample_each(self, request_ids: list[int], logits: torch.Tensor) -> list[int]:
+        """Row by row, each request with its own settings and generator (served API requests)."""
+        out = []
+        for row, rid in enumerate(request_ids):
+            own = self._sampling.get(rid)
+            if own is None:
+                cfg = self.config
+                out.append(int(sample(logits[row:row + 1], cfg.temperature, cfg.top_p, self.generator)))
+                continue
+            row_logits = logits[row:row + 1]
+            if own.min_tokens and len(self._generated[rid]) < own.min_tokens and self.eos_token_ids:
+                row_logits = row_logits.clone()
+                row_logits[0, sorted(self.eos_token_ids)] = float("-inf")
+            generator = self._generators.get(rid, self.generator)
+            out.append(int(sample(row_logits, own.temperature, own.top_p, generator)))
+        return out
 
     def _batch(self, plan: StepPlan) -> tuple[list[int], list[SeqInput]]:
         """The forward's sequences: decodes (one token at position kv_tokens), then prefills (their spans)."""
@@ -243,11 +327,26 @@ class Engine:
 
     def end_conversation(self, conversation_id: Hashable) -> None:
         """Forget a conversation that will not return: its KV chunks on both tiers and its token ids."""
-        if any(r.conversation_id == conversation_id for r in self.scheduler.requests.values()):
-            raise ValueError(f"conversation {conversation_id!r} has an unfinished turn")
+        self._check_idle(conversation_id)
         self.cache.forget(conversation_id)
         self._ids.pop(conversation_id, None)
         self._turns.pop(conversation_id, None)
+
+    def truncate_conversation(self, conversation_id: Hashable, tokens: int) -> int:
+        """Let an idle conversation go on from its first `tokens` token ids only (its client changed a
+        later message); the KV of the rest is freed. Returns the tokens whose KV is kept (the others
+        are computed with the next prompt): a continuation never attends to a token it did not send."""
+        self._check_idle(conversation_id)
+        ids = self._ids.get(conversation_id, [])
+        if not 0 <= tokens <= len(ids):
+            raise ValueError(f"conversation {conversation_id!r} has {len(ids)} tokens; cannot keep {tokens}")
+        kept = self.cache.truncate(conversation_id, tokens)
+        del ids[tokens:]
+        return kept
+
+    def _check_idle(self, conversation_id: Hashable) -> None:
+        if any(r.conversation_id == conversation_id for r in self.scheduler.requests.values()):
+            raise ValueError(f"conversation {conversation_id!r} has an unfinished turn")
 
     # ------------------------------------------------------------------ results
     def generated_ids(self, request_id: int) -> list[int]:

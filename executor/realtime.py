@@ -9,7 +9,6 @@ from __future__ import annotations
 import heapq
 import json
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +20,12 @@ from pensieve.config import Scenario
 from pensieve.outputs import atomic_open, prepare_folder
 from pensieve.plots import plot_run
 from pensieve.results import request_rows, summarize, write_results
-from pensieve.workload import Workload
+from pensieve.workload import Workload, prompt_ids
 
 from .cpu import ThreadGovernor, fixed_threads, torch_threads, tune_allocator
 from .engine import Engine, EngineConfig
 from .models import LoadedModel
 
-# Synthetic prompts avoid the lowest ids, where tokenizers keep their special tokens.
-FIRST_PLAIN_TOKEN = 256
 TIMELINE_EVERY_S = 0.5
 
 
@@ -52,13 +49,6 @@ def engine_config(scenario: Scenario, policy: str | None = None) -> EngineConfig
         policy=policy or c.policy.type, policy_params=policy_params(scenario, policy), device_cache_gb=c.device_gb,
         host_cache_gb=c.host_gb, chunk_tokens=c.chunk_tokens, scheduler=scenario.scheduler, seed=scenario.seed,
     )
-
-
-def prompt_ids(seed: int, conversation: str, turn: int, length: int, vocab: int) -> list[int]:
-    """Deterministic synthetic token ids for one turn's new prompt: the same in every process (a
-    checksum of the conversation id, not Python's per-process `hash`)."""
-    rng = np.random.default_rng([seed, zlib.crc32(conversation.encode("utf-8")), turn])
-    return rng.integers(FIRST_PLAIN_TOKEN, vocab, length).tolist()
 
 
 def step_record(plan, duration_s: float) -> dict:

@@ -17,7 +17,7 @@ import torch
 from executor.cpu import env_threads
 from executor.engine import Engine, EngineConfig
 from executor.models import default_device, LoadedModel, load_model
-from executor.tokenizer import ByteTokenizer, chat_prompt_ids
+from executor.tokenizer import chat_prompt_ids, text_tokenizer
 from pensieve.policies import policy_class
 
 MODES = {"pensieve": "pensieve", "stateless": "stateless", "vllm": "stateless"}  # vllm: the prototype's name
@@ -221,12 +221,7 @@ def create_server(
         host_cache_gb=default_host_gb if cpu_cache_gb is None else cpu_cache_gb,
         chunk_tokens=chunk_tokens, temperature=temperature, top_p=top_p, seed=seed,
     )
-    tokenizer = loaded.tokenizer
-    if tokenizer is None:  # random weights: bytes in, bytes out
-        tokenizer = ByteTokenizer()
-        if loaded.dims["vocab_size"] < tokenizer.vocab_size:
-            raise ValueError(f"model {loaded.name} has no tokenizer and a vocabulary of "
-                             f"{loaded.dims['vocab_size']}, too small for byte-level text ({tokenizer.vocab_size})")
+    tokenizer = text_tokenizer(loaded)  # random weights: bytes in, bytes out
     if threads is None and loaded.device.type == "cpu":
         threads = default_cpu_threads(loaded.dims)
     return PensieveServer(Engine(loaded, config), MODES[mode], tokenizer, max_new_tokens, stop_at_eos, threads)

@@ -40,6 +40,18 @@ class ByteTokenizer:
         return out.decode("utf-8", errors="replace")
 
 
+def text_tokenizer(loaded: Any) -> Any:
+    """The model's tokenizer, or bytes for random-weight models (which ship none); ValueError when the
+    model's vocabulary is too small for bytes."""
+    if loaded.tokenizer is not None:
+        return loaded.tokenizer
+    tokenizer = ByteTokenizer()
+    if loaded.dims["vocab_size"] < tokenizer.vocab_size:
+        raise ValueError(f"model {loaded.name} has no tokenizer and a vocabulary of {loaded.dims['vocab_size']}, "
+                         f"too small for byte-level text ({tokenizer.vocab_size})")
+    return tokenizer
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """The tokenizer's chat template, or plain "role: content" lines for tokenizers without one."""
     if getattr(tokenizer, "chat_template", None):

@@ -228,6 +228,55 @@ class KVCacheManager:
         if self._notify:
             self.policy.on_forget(conv)
 
+    def truncate(self, conversation_id, tokens: int) -> int:
+        """An idle conversation goes on from its first `tokens` tokens only (a client edited or
+        regenerated a later message): the KV of the chunks past them is freed on both tiers, the
+        rest keeps its place. Returns the tokens whose KV is kept (computed or dropped-to-recompute);
+        the tokens after them are computed with the next prompt.
+
+        The kept chunks are a prefix in position order, hence a prefix (leading-first) or a suffix
+        (trailing-first) of the eviction order, so the layout stays monotone and its three
+        boundaries are the counts of dropped, host-only and both-tier chunks that remain.
+        """
+        conv = self.conversations.get(conversation_id)
+        if conv is None:
+            if tokens:
+                raise ValueError(f"conversation {conversation_id!r} has no tokens to keep")
+            return 0
+        if conv.active:
+            raise ValueError(f"conversation {conversation_id!r} has a request in flight; it cannot be truncated")
+        if not 0 <= tokens <= conv.tokens:
+            raise ValueError(f"conversation {conversation_id!r} has {conv.tokens} tokens; cannot keep {tokens}")
+        kept_tokens = min(conv.kv_tokens, tokens)
+        keep = -(-kept_tokens // self.chunk_tokens)
+        n = conv.chunks
+        if keep < n:
+            had_chunks = conv.drop_end < n
+            conv.active = True  # out of every index while its layout changes
+            for index in self._indexes:
+                index.update(conv)
+            conv.active = False
+            for i in range(keep, n):
+                dev, host = conv.dev[i], conv.host[i]
+                if dev >= 0:
+                    self.device.release(dev)
+                if host >= 0:
+                    self.host.release(host)
+                if dev >= 0 and host >= 0:
+                    self.clean_count -= 1
+            del conv.dev[keep:], conv.host[keep:]
+            dropped = sum(1 for d, h in zip(conv.dev, conv.host) if d < 0 and h < 0)
+            host_only = sum(1 for d, h in zip(conv.dev, conv.host) if d < 0 <= h)
+            both = sum(1 for d, h in zip(conv.dev, conv.host) if d >= 0 and h >= 0)
+            conv.drop_end, conv.host_end, conv.copy_end = dropped, dropped + host_only, dropped + host_only + both
+            for index in self._indexes:
+                index.update(conv)
+            if self._notify and had_chunks and conv.drop_end == keep:
+                self.policy.on_lost(conv)  # nothing of it is kept any more
+        conv.tokens = tokens
+        conv.kv_tokens = kept_tokens
+        return kept_tokens
+
     # ------------------------------------------------------------------ ahead-of-time swap-out
     def swap_out_ahead(self, now: float, threshold: float) -> None:
         """Copy idle chunks to the host tier while fewer than `threshold` of device slots are free.

@@ -181,6 +181,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true", default=True, help="(the default for chat)")
     p.add_argument("--session", default="session-1", help="conversation id")
     p.set_defaults(handler="executor.commands:chat")
+
+    p = sub.add_parser(
+        "serve", help="the real engine behind an OpenAI-compatible HTTP API, with Prometheus metrics",
+        description="POST /v1/chat/completions and /v1/completions (stream or not), GET /v1/models, /health, "
+                    "/metrics. A request continues the conversation its X-Session-ID header or session_id field "
+                    "names, else the idle conversation sharing the longest prefix with it; only the common "
+                    "prefix is reused. Accepted: max_tokens (max_completion_tokens), temperature, top_p, stop, "
+                    "seed, stream, stream_options.include_usage, user, and vLLM's ignore_eos, min_tokens and "
+                    "return_token_ids; anything else is refused with 400.")
+    _add_model_options(p)
+    p.set_defaults(policy=None, max_new_tokens=256)
+    p.add_argument("--scenario", default=None, help="take cache sizes, policy, scheduler and model from this "
+                   "scenario (options given explicitly still win)")
+    _add_set(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--served-model-name", default=None, help="the model name requests must give (default: the "
+                   "loaded model's)")
+    p.add_argument("--min-prefix-share", type=float, default=0.5, metavar="F",
+                   help="a request without a session id continues a conversation only if their common prefix "
+                        "is at least one chunk and this share of it (default 0.5)")
+    p.add_argument("--max-conversations", type=int, default=10_000, metavar="N",
+                   help="idle conversations kept; past it the least recently used is forgotten (default 10000)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM or Ctrl-C, how long in-flight requests may finish before they are cancelled")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler="executor.serving.command:serve_command")
+
+    p = sub.add_parser(
+        "bench-serve", help="replay a scenario's workload against any OpenAI-compatible server; writes the "
+                            "summary.json and requests.csv of pensieve run",
+        description="Conversations start at their arrival times; each next turn is sent when the previous answer "
+                    "is complete plus the (time-scaled) think time. Every turn is a streamed /v1/completions "
+                    "request of token ids: the whole history, then the turn's new prompt, with ignore_eos and "
+                    "max_tokens set to the turn's output length, as pensieve run serves them.")
+    p.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("scenario", help="scenario YAML whose workload to replay")
+    _add_set(p)
+    p.add_argument("--model", default=None, help="model name to request (default: the server's first in /v1/models)")
+    p.add_argument("--out", default=None, help="results folder (default: results/<scenario name>-serve)")
+    p.add_argument("--no-session-id", action="store_true",
+                   help="send no X-Session-ID: the server must find each conversation by its prefix")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="per-request timeout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_force(p)
+    p.set_defaults(handler="pensieve.bench_serve:main")
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,17 @@ def skipped_report(workload: Workload, show: int = 5) -> list[str]:
     return ([f"skipped: {n}" for n in notes[:show]] + [f"skipped: ... {len(notes)} notes in all; by reason:"]
             + [f"  {count:>6}  {reason}" for reason, count in top[:12]]
             + ([f"  {sum(c for _, c in top[12:]):>6}  (other reasons)"] if len(top) > 12 else []))
+
+
+# Synthetic prompts avoid the lowest ids, where tokenizers keep their special tokens.
+FIRST_PLAIN_TOKEN = 256
+
+
+def prompt_ids(seed: int, conversation: str, turn: int, length: int, vocab: int) -> list[int]:
+    """Deterministic synthetic token ids for one turn's new prompt, the same in every process (a checksum of
+    the conversation id, not Python's per-process `hash`): `pensieve run` and `bench-serve` send these."""
+    rng = np.random.default_rng([seed, zlib.crc32(conversation.encode("utf-8")), turn])
+    return rng.integers(FIRST_PLAIN_TOKEN, vocab, length).tolist()
 
 
 def scale_think_times(workload: Workload, time_scale: float) -> Workload:

@@ -94,7 +94,7 @@ def test_the_core_a_real_run_builds_is_the_simulators(tmp_path: Path) -> None:
 
 def test_real_run_prompts_are_the_same_in_every_process():
     """Prompt token ids come from a checksum of the conversation id, not the per-process hash()."""
-    code = "from executor.realtime import prompt_ids; print(prompt_ids(3, 'c7', 1, 8, 500))"
+    code = "from pensieve.workload import prompt_ids; print(prompt_ids(3, 'c7', 1, 8, 500))"
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
     assert len(runs) == 1 and runs.pop().startswith("[")

@@ -1,0 +1,123 @@
+"""`pensieve serve`: load the model, build the engine from the options (or a scenario), serve HTTP until
+SIGTERM or Ctrl-C, then let in-flight requests finish (up to --shutdown-timeout) and cancel the rest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+from executor.engine import Engine, EngineConfig
+from executor.models import LoadedModel, default_device, load_model
+from executor.serving.app import ServeState, build_app
+from executor.serving.loop import EngineLoop
+from executor.serving.metrics import ServingMetrics
+from executor.serving.routing import ConversationRouter
+from executor.tokenizer import text_tokenizer
+from pensieve.cost import CostModel
+from pensieve.policies import policy_class
+
+
+def build_state(loaded: LoadedModel, config: EngineConfig, *, cost_model: CostModel | None = None,
+                model_name: str | None = None, max_tokens: int = 256, min_share: float = 0.5,
+                max_conversations: int = 10_000, threads: int | None = None) -> ServeState:
+    """An engine, its loop (not started) and what the endpoints need; the loop starts with the app."""
+    engine = Engine(loaded, config, cost_model=cost_model)
+    router = ConversationRouter(config.chunk_tokens, min_share, max_conversations)
+    model_name = model_name or loaded.name
+    metrics = ServingMetrics(engine, model_name)
+    loop = EngineLoop(engine, router, metrics, threads)
+    return ServeState(loop, metrics, text_tokenizer(loaded), model_name, engine.max_context,
+                      loaded.dims["vocab_size"], max_tokens, config.temperature, config.top_p)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free one), bound before the server starts so its address is known."""
+    try:
+        return socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+
+
+def make_server(state: ServeState, shutdown_timeout: float = 30.0, log_level: str = "warning"):
+    """The uvicorn server of `state`'s app; `server.run(sockets=[sock])` serves until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    config = uvicorn.Config(build_app(state), log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
+                            lifespan="on", access_log=False)
+    return uvicorn.Server(config)
+
+
+def _engine_config(args: argparse.Namespace, loaded: LoadedModel) -> tuple[EngineConfig, CostModel | None]:
+    """From a scenario (its cache, scheduler and policy) when given, else from the prototype's options;
+    options given explicitly win over the scenario's."""
+    from executor.server import default_cache_gb
+
+    if args.scenario:
+        from executor.realtime import engine_config
+        from pensieve.cli import scenario_overrides
+        from pensieve.config import load_scenario
+        from pensieve.core import build_cost_model
+
+        scenario = load_scenario(args.scenario, scenario_overrides(args))
+        config = engine_config(scenario, args.policy)
+        cost = build_cost_model(scenario, args.scenario)
+    else:
+        device_gb, host_gb = default_cache_gb(loaded.device)
+        config = EngineConfig(policy=args.policy or "pensieve", device_cache_gb=device_gb, host_cache_gb=host_gb,
+                              chunk_tokens=args.chunk_tokens)
+        cost = None
+    changes = {"temperature": args.temperature, "top_p": args.top_p}
+    if args.gpu_cache is not None:
+        changes["device_cache_gb"] = args.gpu_cache
+    if args.cpu_cache is not None:
+        changes["host_cache_gb"] = args.cpu_cache
+    from dataclasses import replace
+
+    return replace(config, **changes), cost
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    if args.scenario and args.model is None:
+        from executor.realtime import load_scenario_model
+        from pensieve.cli import scenario_overrides
+        from pensieve.config import load_scenario
+
+        return load_scenario_model(load_scenario(args.scenario, scenario_overrides(args)), args.scenario, args.device)
+    return load_model(args.model, args.device or default_device(), args.dtype)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    if args.policy is not None:
+        policy_class(args.policy)  # an unknown policy fails before the model loads
+    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(f"need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1, got "
+                         f"{args.max_new_tokens}, {args.temperature} and {args.top_p}")
+    sock = bind(args.host, args.port)  # a taken port fails before the model loads
+    loaded = _load(args)
+    config, cost = _engine_config(args, loaded)
+    state = build_state(loaded, config, cost_model=cost, model_name=args.served_model_name,
+                        max_tokens=args.max_new_tokens, min_share=args.min_prefix_share,
+                        max_conversations=args.max_conversations)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(name)s: %(message)s")
+    engine = state.loop.engine
+    gb = engine.bytes_per_chunk / 1e9
+    host, port = sock.getsockname()[:2]
+    print(f"pensieve serve: {state.model_name} on {loaded.device}, policy {engine.cache.policy.name}, "
+          f"device cache {engine.cache.device.capacity * gb:.3g} GB, host cache {engine.cache.host.capacity * gb:.3g} "
+          f"GB\nlistening on http://{host}:{port} (OpenAI API under /v1, Prometheus metrics at /metrics)",
+          flush=True)
+    server = make_server(state, args.shutdown_timeout, args.log_level)
+    interrupted = False
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the signal it caught
+        interrupted = True
+    finally:
+        state.loop.stop()
+        stats = engine.cache.stats
+        print(f"pensieve serve: stopped; {state.loop.served} requests served, chunks swapped "
+              f"in {stats.swap_in_chunks} / out {stats.swap_out_chunks}, dropped {stats.dropped_chunks}",
+              file=sys.stderr, flush=True)
+    return 130 if interrupted else 0

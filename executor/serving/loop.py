@@ -1,0 +1,294 @@
+"""The engine on its own thread, fed by HTTP handlers: one loop, requests joining and leaving at step boundaries.
+
+Handlers on the event loop never touch the engine. They `submit` a `Job` and read its events
+(text deltas, then the end) from the callback they gave; everything else (routing a request to its
+conversation, truncating a departed history, adding, cancelling, stepping) happens on the engine
+thread, between steps, so the core only ever sees whole steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from executor.cpu import ThreadGovernor, fixed_threads, torch_threads, tune_allocator
+from executor.engine import Engine, Sampling
+from executor.serving.detokenize import IncrementalText
+from executor.serving.metrics import ServingMetrics
+from executor.serving.routing import ConversationRouter
+
+log = logging.getLogger("pensieve.serve")
+
+
+@dataclass
+class Delta:
+    """New text of a request, and the token ids that produced it."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Done:
+    """The request ended: why (`stop`, `length`, `abort`) and what it used."""
+
+    finish_reason: str
+    usage: dict
+
+
+@dataclass
+class Failed:
+    """The request could not be served: an HTTP status and a message for the client."""
+
+    status: int
+    message: str
+    param: str | None = None
+
+
+Event = Delta | Done | Failed
+
+
+@dataclass
+class Job:
+    """One API request as the engine thread serves it. `emit` must be safe to call from that thread."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    text: IncrementalText
+    ignore_eos: bool = False
+    session: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    # Filled in on the engine thread.
+    request_id: int | None = None
+    conversation_id: Hashable | None = None
+    token_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False
+
+    def on_token(self, token: int) -> bool:
+        """The engine's stop check: follow the text; True when a stop string is complete."""
+        self.token_ids.append(token)
+        self.emit(Delta(self.text.add(token), [token]))
+        return self.text.stopped
+
+
+class EngineLoop:
+    """Serves `Job`s on `engine` from one thread; `submit` and `cancel` may be called from any thread."""
+
+    def __init__(self, engine: Engine, router: ConversationRouter, metrics: ServingMetrics | None = None,
+                 threads: int | None = None) -> None:
+        self.engine = engine
+        self.router = router
+        self.metrics = metrics
+        self.threads = threads
+        self.failure: BaseException | None = None  # what stopped the loop, if a step raised
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: dict[int, Job] = {}  # request id -> job, while in the engine
+        self._parked: dict[Hashable, deque[Job]] = defaultdict(deque)  # waiting for their session's turn
+        self._thread = threading.Thread(target=self._run, name="pensieve-engine", daemon=True)
+        self._stopping = False
+        self.served = 0  # requests finished
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(("submit", job))
+
+    def cancel(self, job: Job) -> None:
+        self._inbox.put(("cancel", job))
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Cancel what is in flight, let each request end at its next token, then end the thread."""
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    def call(self, fn: Callable[[Engine], object], timeout: float = 30.0) -> object:
+        """Run `fn(engine)` on the engine thread between steps and return its result (tests' checks)."""
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("call", (fn, box)))
+        ok, value = box.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        engine = self.engine
+        governor = None
+        if engine.loaded.device.type == "cpu":
+            tune_allocator()
+            if self.threads is None:
+                self.threads = fixed_threads(engine.loaded.dims)
+                governor = ThreadGovernor() if self.threads is None else None
+        with torch_threads(self.threads):
+            if governor is not None:
+                governor.start(probe_s=0.05)
+            try:
+                self._serve(governor)
+            except BaseException as exc:  # a bug in a step: every waiting client gets an answer
+                self.failure = exc
+                log.exception("the engine loop stopped")
+                for job in [*self._jobs.values(), *(j for jobs in self._parked.values() for j in jobs)]:
+                    job.emit(Failed(500, f"the engine failed: {exc!r}"))
+                self._jobs.clear()
+                self._parked.clear()
+                self._fail_inbox(exc)
+
+    def _fail_inbox(self, exc: BaseException) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                item.emit(Failed(503, f"the engine has stopped: {exc!r}"))
+            elif kind == "call":
+                item[1].put((False, RuntimeError("the engine has stopped")))
+
+    def _serve(self, governor: ThreadGovernor | None) -> None:
+        engine = self.engine
+        while True:
+            idle = engine.scheduler.idle
+            if self._stopping and idle:
+                return
+            self._take_inbox(block=idle)
+            if engine.scheduler.idle:
+                continue
+            now = time.perf_counter()
+            cache = engine.cache
+            swapped = cache.stats.swap_in_chunks, cache.stats.swap_out_chunks
+            plan, finished = engine.step(now)
+            if governor is not None:
+                governor.step_done()
+            if self.metrics is not None:
+                self.metrics.step_done(engine, plan, swapped)
+            for request in finished:
+                self._finish(request)
+            engine.scheduler.finished.clear()  # a server keeps nothing per finished request
+
+    def _take_inbox(self, block: bool) -> None:
+        """Everything handlers sent since the last step; waits for the first when the engine is idle."""
+        try:
+            items = [self._inbox.get()] if block else []
+        except KeyboardInterrupt:  # never raised here: signals go to the main thread
+            return
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for kind, item in items:
+            if kind == "submit":
+                if self._stopping:
+                    item.emit(Failed(503, "the server is shutting down"))
+                else:
+                    self._admit(item)
+            elif kind == "cancel":
+                self._cancel(item)
+            elif kind == "call":
+                fn, box = item
+                try:
+                    box.put((True, fn(self.engine)))
+                except Exception as exc:  # handed back to the caller
+                    box.put((False, exc))
+            elif kind == "stop":
+                self._stopping = True
+                for job in list(self._jobs.values()) + [j for jobs in self._parked.values() for j in jobs]:
+                    self._cancel(job)
+
+    def _admit(self, job: Job) -> None:
+        """Route a job to its conversation and hand it to the engine (or park it behind its session's turn)."""
+        engine = self.engine
+        route = self.router.route(job.prompt_ids, job.session)
+        if route is None:  # its session has a turn in flight: it goes after that turn
+            self._parked[self.router.session_conversation(job.session)].append(job)
+            return
+        job.conversation_id = cid = route.conversation_id
+        history = len(engine.conversation_ids(cid))
+        if route.keep < history:
+            engine.truncate_conversation(cid, route.keep)
+            if self.metrics is not None:
+                self.metrics.departed_tokens.inc(history - route.keep)
+        try:
+            request = engine.add_request(
+                cid, job.prompt_ids[route.keep:], job.max_tokens, arrival=job.arrival,
+                stop_at_eos=not job.ignore_eos, sampling=job.sampling, stop_check=job.on_token)
+        except ValueError as exc:  # the turn does not fit the context or the device tier
+            self._release(cid)
+            job.emit(Failed(400, str(exc), "messages"))
+            return
+        job.request_id = request.id
+        self._jobs[request.id] = job
+
+    def _cancel(self, job: Job) -> None:
+        job.cancelled = True
+        if job.request_id is not None and job.request_id in self._jobs:
+            self.engine.cancel(job.request_id)
+            return
+        for jobs in self._parked.values():  # not started: it simply leaves
+            if job in jobs:
+                jobs.remove(job)
+                job.emit(Done("abort", self._usage(job, None)))
+
+    def _finish(self, request) -> None:
+        job = self._jobs.pop(request.id)
+        tail = job.text.finish()
+        if tail:
+            job.emit(Delta(tail, []))
+        if job.text.stopped:
+            reason = "stop"  # a stop string
+        elif job.cancelled and request.stopped_early:
+            reason = "abort"
+        elif request.stopped_early:
+            reason = "stop"  # EOS
+        else:
+            reason = "length"
+        usage = self._usage(job, request)
+        if self.metrics is not None:
+            self.metrics.request_done(request, reason, len(job.prompt_ids))
+        job.emit(Done(reason, usage))
+        self.served += 1
+        self.engine.forget_request(request.id)
+        self._release(job.conversation_id)
+
+    def _release(self, conversation_id: Hashable) -> None:
+        """The conversation is idle again: index it, forget the oldest beyond the limit, start a parked job."""
+        engine = self.engine
+        for old in self.router.finished(conversation_id, engine.conversation_ids(conversation_id)):
+            engine.end_conversation(old)
+        parked = self._parked.get(conversation_id)
+        if parked:
+            job = parked.popleft()
+            if not parked:
+                del self._parked[conversation_id]
+            self._admit(job)
+
+    @staticmethod
+    def _usage(job: Job, request) -> dict:
+        prompt = len(job.prompt_ids)
+        generated = len(job.token_ids)
+        if request is None:
+            device = host = recomputed = history = 0
+        else:
+            device, host = request.gpu_hit_tokens, request.cpu_hit_tokens
+            recomputed, history = request.recomputed_tokens, request.history_tokens
+        return {
+            "prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": device + host},
+            # This server's own detail (clients that do not know it ignore it): where the kept
+            # history's KV was found, and which conversation the request continued.
+            "pensieve": {"history_tokens": history, "device_hit_tokens": device, "host_hit_tokens": host,
+                         "recomputed_tokens": recomputed, "conversation": str(job.conversation_id)},
+        }
