@@ -4,6 +4,7 @@ SIGTERM or Ctrl-C, then let in-flight requests finish (up to --shutdown-timeout)
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import socket
 import sys
@@ -40,13 +41,26 @@ def bind(host: str, port: int) -> socket.socket:
         raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
 
 
+SHUTDOWN_BACKSTOP_S = 10.0  # after the drain time: cancelled requests end at their next token well within it
+
+
 def make_server(state: ServeState, shutdown_timeout: float = 30.0, log_level: str = "warning"):
-    """The uvicorn server of `state`'s app; `server.run(sockets=[sock])` serves until SIGTERM or Ctrl-C."""
+    """The uvicorn server of `state`'s app; `server.run(sockets=[sock])` serves until SIGTERM or Ctrl-C.
+
+    On shutdown, requests in flight have `shutdown_timeout` seconds to finish; then the engine
+    cancels them, so that each ends at its next token with finish_reason "abort" and a whole
+    response, rather than a connection cut by uvicorn's own timeout (kept as a backstop).
+    """
     import uvicorn
 
-    config = uvicorn.Config(build_app(state), log_level=log_level, timeout_graceful_shutdown=shutdown_timeout,
-                            lifespan="on", access_log=False)
-    return uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            asyncio.get_running_loop().call_later(shutdown_timeout, state.loop.cancel_all)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(build_app(state), log_level=log_level, lifespan="on", access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout + SHUTDOWN_BACKSTOP_S)
+    return Server(config)
 
 
 def _engine_config(args: argparse.Namespace, loaded: LoadedModel) -> tuple[EngineConfig, CostModel | None]:

@@ -109,6 +109,10 @@ class EngineLoop:
     def cancel(self, job: Job) -> None:
         self._inbox.put(("cancel", job))
 
+    def cancel_all(self) -> None:
+        """Cancel every request in flight or queued (shutdown); each ends at its next token."""
+        self._inbox.put(("cancel_all", None))
+
     def stop(self, timeout: float | None = 30.0) -> None:
         """Cancel what is in flight, let each request end at its next token, then end the thread."""
         self._inbox.put(("stop", None))
@@ -203,8 +207,8 @@ class EngineLoop:
                     box.put((True, fn(self.engine)))
                 except Exception as exc:  # handed back to the caller
                     box.put((False, exc))
-            elif kind == "stop":
-                self._stopping = True
+            elif kind in ("stop", "cancel_all"):
+                self._stopping = self._stopping or kind == "stop"
                 for job in list(self._jobs.values()) + [j for jobs in self._parked.values() for j in jobs]:
                     self._cancel(job)
 

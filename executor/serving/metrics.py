@@ -39,6 +39,10 @@ class ServingMetrics:
             "its conversation there (an edited message, a regenerated answer)", registry=r)
         self.swap_bytes = Counter("pensieve_swap_bytes", "KV bytes copied between tiers: in (host to device), "
                                   "out (device to host)", ["direction"], registry=r)
+        for where in ("device", "host", "recomputed"):  # every series from the start, at 0
+            self.history_tokens.labels(where)
+        for direction in ("in", "out"):
+            self.swap_bytes.labels(direction)
         self.suspensions = Counter("pensieve_suspensions", "Times a running request was suspended for room",
                                    registry=r)
         self.step_seconds = Histogram("pensieve_step_seconds", "Wall time of one engine step (copies, forward, "
