@@ -172,7 +172,7 @@ class Engine:
         self._generated[request.id] = []
         if stop_at_eos:
             self._stop_at_eos.add(request.id)
-        if sampling is not None:
+        if sampling is not None and not self._engine_default(sampling):
             self._sampling[request.id] = sampling
             if sampling.seed is not None:
                 self._generators[request.id] = torch.Generator(self.loaded.device).manual_seed(sampling.seed)
@@ -180,6 +180,12 @@ class Engine:
             self._stop_checks[request.id] = stop_check
         self._turns[conversation_id] = turn + 1
         return request
+
+    def _engine_default(self, sampling: Sampling) -> bool:
+        """Whether `sampling` draws what the engine's own settings do: such requests keep the batched path."""
+        cfg = self.config
+        return (sampling.temperature, sampling.top_p, sampling.min_tokens) == (cfg.temperature, cfg.top_p, 0) and (
+            sampling.seed is None or sampling.temperature == 0)  # greedy needs no generator
 
     def cancel(self, request_id: int) -> None:
         """End a request at the next token it samples (its client went away). Everything up to that

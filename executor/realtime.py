@@ -93,6 +93,7 @@ def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: 
     bar = tqdm(total=workload.requests, desc=f"run {engine.cache.policy.name}", unit="req", disable=not progress)
     interrupted = False
     read_late: list[float] = []  # how long after its send time the loop read each turn (a step was running)
+    waited = False  # the engine was idle before this step
     start = time.perf_counter()
     try:
         while due or not engine.scheduler.idle:
@@ -108,7 +109,11 @@ def _serve(scenario: Scenario, workload: Workload, loaded: LoadedModel, policy: 
                 read_late.append(now - send)
             if engine.scheduler.idle:
                 time.sleep(max(0.0, min(due[0][0] - now, 0.05)))
+                waited = True
                 continue
+            if waited and governor is not None:
+                governor.resume()
+            waited = False
             plan, finished = engine.step(now)
             steps.append(step_record(plan, engine.last_step_s))
             if governor is not None:

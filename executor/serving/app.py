@@ -45,10 +45,8 @@ class ServeState:
 def build_app(state: ServeState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not state.loop.alive:
-            state.loop.start()
-        yield
-        # In-flight requests had uvicorn's graceful-shutdown time to finish; what is left is cancelled.
+        yield  # whoever serves the app runs the engine loop (pensieve serve: on the main thread)
+        # In-flight requests had the graceful-shutdown time to finish; what is left is cancelled.
         await asyncio.to_thread(state.loop.stop)
 
     app = FastAPI(title="pensieve serve", lifespan=lifespan)
@@ -119,7 +117,7 @@ def _check_model(state: ServeState, name: str) -> None:
                        "model", "model_not_found")
 
 
-def _job(state: ServeState, request: Request, body, ids: list[int], param: str, emit) -> Job:
+def _job(state: ServeState, request: Request, body, ids: list[int], param: str, sink: _Events) -> Job:
     """The engine's job for a request, after the checks that need no engine (context, limits)."""
     if not ids:
         raise ApiError(400, "the prompt is empty", param, "invalid_value")
@@ -136,7 +134,7 @@ def _job(state: ServeState, request: Request, body, ids: list[int], param: str, 
                         top_p=state.top_p if body.top_p is None else body.top_p, seed=body.seed,
                         min_tokens=body.min_tokens)
     session = request.headers.get(SESSION_HEADER) or body.session_id
-    return Job(list(ids), max_tokens, sampling, emit, IncrementalText(state.tokenizer, body.stop),
+    return Job(list(ids), max_tokens, sampling, sink, IncrementalText(state.tokenizer, body.stop),
                ignore_eos=body.ignore_eos, session=session, arrival=time.perf_counter())
 
 
@@ -144,7 +142,7 @@ async def _serve(state: ServeState, request: Request, body, ids: list[int], para
     if not state.loop.alive:
         raise ApiError(503, "the engine is not running", None, "engine_stopped")
     events = _Events(asyncio.get_running_loop())
-    job = _job(state, request, body, ids, param, events.emit)
+    job = _job(state, request, body, ids, param, events)
     state.loop.submit(job)
     shape = _Shape(state.model_name, chat, body.return_token_ids, ids)
     # The first event decides the status: a turn the engine refuses is a 4xx, not a broken stream.
@@ -178,9 +176,13 @@ class _Events:
         self._getter: asyncio.Future | None = None
 
     def emit(self, event: Event) -> None:
-        """Called on the engine thread."""
+        """From the engine thread."""
         with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody is listening
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    def put(self, event: Event) -> None:
+        """On the event loop."""
+        self.queue.put_nowait(event)
 
     async def next(self, request: Request, state: ServeState, job: Job) -> Event | None:
         """The next event; None (and the job cancelled) when the client disconnects while waiting.

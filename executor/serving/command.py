@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import socket
 import sys
+import threading
 
 from executor.engine import Engine, EngineConfig
 from executor.models import LoadedModel, default_device, load_model
@@ -18,12 +20,13 @@ from executor.serving.routing import ConversationRouter
 from executor.tokenizer import text_tokenizer
 from pensieve.cost import CostModel
 from pensieve.policies import policy_class
+from pensieve.signals import received
 
 
 def build_state(loaded: LoadedModel, config: EngineConfig, *, cost_model: CostModel | None = None,
                 model_name: str | None = None, max_tokens: int = 256, min_share: float = 0.5,
                 max_conversations: int = 10_000, threads: int | None = None) -> ServeState:
-    """An engine, its loop (not started) and what the endpoints need; the loop starts with the app."""
+    """An engine, its loop (not started: `loop.run()` or `loop.start()`) and what the endpoints need."""
     engine = Engine(loaded, config, cost_model=cost_model)
     router = ConversationRouter(config.chunk_tokens, min_share, max_conversations)
     model_name = model_name or loaded.name
@@ -123,15 +126,42 @@ def serve_command(args: argparse.Namespace) -> int:
           f"GB\nlistening on http://{host}:{port} (OpenAI API under /v1, Prometheus metrics at /metrics)",
           flush=True)
     server = make_server(state, args.shutdown_timeout, args.log_level)
-    interrupted = False
+    caught = serve_in_main_thread(state, server, sock)
+    stats = engine.cache.stats
+    print(f"pensieve serve: stopped; {state.loop.served} requests served, chunks swapped in {stats.swap_in_chunks} / "
+          f"out {stats.swap_out_chunks}, dropped {stats.dropped_chunks}", file=sys.stderr, flush=True)
+    return 130 if caught else 0  # the command line exits 143 after SIGTERM, 130 after Ctrl-C
+
+
+def serve_in_main_thread(state: ServeState, server, sock: socket.socket) -> list[int]:
+    """The engine loop on this (the main) thread, HTTP on another, until SIGTERM or Ctrl-C (returned,
+    if any arrived): then uvicorn stops taking connections and lets requests in flight finish (or
+    cancels them after the drain time), and its lifespan's end stops the engine loop. A second
+    Ctrl-C cancels everything at once."""
+    caught: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        caught.append(signum)
+        received.signal = signum
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+            state.loop.cancel_all()
+        server.should_exit = True
+
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            state.loop.stop(timeout=0)  # whatever ended uvicorn ends the engine loop too
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="pensieve-http", daemon=True)
     try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the signal it caught
-        interrupted = True
+        thread.start()
+        state.loop.run()
     finally:
-        state.loop.stop()
-        stats = engine.cache.stats
-        print(f"pensieve serve: stopped; {state.loop.served} requests served, chunks swapped "
-              f"in {stats.swap_in_chunks} / out {stats.swap_out_chunks}, dropped {stats.dropped_chunks}",
-              file=sys.stderr, flush=True)
-    return 130 if interrupted else 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.should_exit = True
+        thread.join(SHUTDOWN_BACKSTOP_S)
+    return caught

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, generate_latest
 
+import torch
+
 from executor.engine import Engine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -64,10 +66,18 @@ class ServingMetrics:
         Gauge("pensieve_conversations", "Conversations whose token ids are kept", registry=r).set_function(
             lambda: len(cache.conversations))
         Gauge("pensieve_kv_chunk_bytes", "Bytes of one KV chunk", registry=r).set(engine.bytes_per_chunk)
+        # OpenMP's thread count belongs to the thread that sets it: the engine thread reports its own.
+        self.torch_threads = Gauge("pensieve_torch_threads", "Intra-op threads the engine computes with",
+                                   registry=r)
+        self.steps_by_threads = Counter("pensieve_steps_by_threads", "Engine steps by the intra-op threads "
+                                        "they ran with", ["threads"], registry=r)
 
     def step_done(self, engine: Engine, plan, swapped_before: tuple[int, int]) -> None:
         """After a step: its time, and the copies it made (the cache's counters against `swapped_before`)."""
         self.step_seconds.observe(engine.last_step_s)
+        threads = torch.get_num_threads()  # on the engine thread
+        self.torch_threads.set(threads)
+        self.steps_by_threads.labels(str(threads)).inc()
         stats = engine.cache.stats
         swapped_in, swapped_out = stats.swap_in_chunks - swapped_before[0], stats.swap_out_chunks - swapped_before[1]
         if swapped_in:

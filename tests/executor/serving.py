@@ -44,6 +44,7 @@ class LiveServer:
 def live_server(loaded: LoadedModel, config: EngineConfig, **options) -> Iterator[LiveServer]:
     """Serve `loaded` on a free port for the duration; stops the server and its engine thread after."""
     state = build_state(loaded, config, threads=1, **options)
+    state.loop.start()
     sock = bind("127.0.0.1", 0)
     server = make_server(state, shutdown_timeout=2.0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
