@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "is at least one chunk and this share of it (default 0.5)")
     p.add_argument("--max-conversations", type=int, default=10_000, metavar="N",
                    help="idle conversations kept; past it the least recently used is forgotten (default 10000)")
+    p.add_argument("--batch-window-ms", type=float, default=20.0, metavar="MS",
+                   help="an idle engine that gets a request waits up to this long, while more keep arriving "
+                        "(5 ms apart at most), so that requests sent together start in one step (default 20; 0: "
+                        "start at once)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM or Ctrl-C, how long in-flight requests may finish before they are cancelled")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])

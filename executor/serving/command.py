@@ -25,13 +25,14 @@ from pensieve.signals import received
 
 def build_state(loaded: LoadedModel, config: EngineConfig, *, cost_model: CostModel | None = None,
                 model_name: str | None = None, max_tokens: int = 256, min_share: float = 0.5,
-                max_conversations: int = 10_000, threads: int | None = None) -> ServeState:
+                max_conversations: int = 10_000, threads: int | None = None,
+                batch_window_s: float = 0.02) -> ServeState:
     """An engine, its loop (not started: `loop.run()` or `loop.start()`) and what the endpoints need."""
     engine = Engine(loaded, config, cost_model=cost_model)
     router = ConversationRouter(config.chunk_tokens, min_share, max_conversations)
     model_name = model_name or loaded.name
     metrics = ServingMetrics(engine, model_name)
-    loop = EngineLoop(engine, router, metrics, threads)
+    loop = EngineLoop(engine, router, metrics, threads, batch_window_s)
     return ServeState(loop, metrics, text_tokenizer(loaded), model_name, engine.max_context,
                       loaded.dims["vocab_size"], max_tokens, config.temperature, config.top_p)
 
@@ -116,7 +117,7 @@ def serve_command(args: argparse.Namespace) -> int:
     config, cost = _engine_config(args, loaded)
     state = build_state(loaded, config, cost_model=cost, model_name=args.served_model_name,
                         max_tokens=args.max_new_tokens, min_share=args.min_prefix_share,
-                        max_conversations=args.max_conversations)
+                        max_conversations=args.max_conversations, batch_window_s=args.batch_window_ms / 1e3)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(name)s: %(message)s")
     engine = state.loop.engine
     gb = engine.bytes_per_chunk / 1e9
