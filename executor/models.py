@@ -216,6 +216,14 @@ def _load_random(name: str, device: torch.device, dtype: torch.dtype, seed: int)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Converted once, then from the cache (executor/gguf_cache.py)."""
+    from executor.gguf_cache import load_converted
+
+    return load_converted(path, dtype, _convert_gguf)
+
+
+def _convert_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """What transformers makes of a GGUF file: the weights dequantized, the tokenizer from its vocabulary."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, file = str(path.parent), path.name

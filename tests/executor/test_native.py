@@ -115,6 +115,19 @@ def test_thread_governor_leaves_busy_cores_alone() -> None:
         assert sum(governor.steps.values()) == 1
 
 
+def test_thread_governor_forgets_what_happened_while_the_engine_idled(monkeypatch: pytest.MonkeyPatch) -> None:
+    governor = ThreadGovernor(cores=2, interval_s=0.0)
+    busy = iter([1.5, 0.0])  # others kept 1.5 cores busy while the engine waited, then nothing
+    monkeypatch.setattr(governor, "others_busy", lambda: next(busy))
+    with torch_threads(None):
+        governor.step_done()
+        assert torch.get_num_threads() == 1  # it yields to the busy process
+        governor.resume()  # the engine waited; work came back
+        assert torch.get_num_threads() == 2  # every core, until the next measurement says otherwise
+        governor.step_done()
+        assert torch.get_num_threads() == 2
+
+
 def test_fixed_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PENSIEVE_THREADS", raising=False)
     assert fixed_threads({"hidden_size": 576}) is None  # the governor decides

@@ -1,0 +1,92 @@
+"""A GGUF model converted once, then loaded from safetensors.
+
+transformers reads a GGUF file by parsing it (SmolLM2's vocabulary alone takes ~3 s), dequantizing
+every tensor and building a tokenizer from the vocabulary: ~6 s for SmolLM2-135M on this machine,
+at the start of every `pensieve run`, `serve`, `chat` and test session. The conversion is pure, so
+its result (fp32 weights, config, tokenizer files) is written once to a cache folder and loaded
+from there afterwards in well under a second. The folder is named by the GGUF file's name, size
+and modification time, so a changed file is converted again; it is written to a temporary folder
+and renamed, so an interrupted conversion leaves nothing half-written. A cache that cannot be
+written (a read-only home) only costs the conversion each time.
+
+PENSIEVE_CACHE_DIR moves the cache (default: $XDG_CACHE_HOME/pensieve, else ~/.cache/pensieve);
+PENSIEVE_CACHE_DIR=off disables it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_ENV = "PENSIEVE_CACHE_DIR"
+COMPLETE = "converted-from.txt"  # written last: a folder without it is not a cache entry
+
+
+def cache_root() -> Path | None:
+    """Where converted models live; None when the cache is off."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if value.lower() == "off":
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(base) / "pensieve"
+
+
+def entry_for(path: Path) -> Path | None:
+    """The cache folder of one GGUF file as it is now (name, size, modification time)."""
+    root = cache_root()
+    if root is None:
+        return None
+    stat = path.stat()
+    return root / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def load_converted(path: Path, dtype: torch.dtype, convert: Callable[[Path], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """(model, tokenizer) of a GGUF file: from the cache when it holds it, else `convert(path)` (fp32)
+    and written to the cache for next time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    entry = entry_for(path)
+    if entry is not None and (entry / COMPLETE).is_file():
+        model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(entry, local_files_only=True)
+        return model, tokenizer
+    model, tokenizer = convert(path)
+    if entry is not None:
+        _write(entry, model, tokenizer, path)
+    return model.to(dtype), tokenizer
+
+
+def _write(entry: Path, model, tokenizer, source: Path) -> None:
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
+        try:
+            # transformers will not save_pretrained a model it read from GGUF, though its weights
+            # are plain fp32 tensors by now: the weights and the config are written as such.
+            from safetensors.torch import save_model
+
+            save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            type(model.config).from_dict(config).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / COMPLETE).write_text(f"{source}\n")
+            staging.rename(entry)
+        except FileExistsError:
+            pass  # another process converted it meanwhile
+        except OSError as exc:
+            if not (entry / COMPLETE).is_file():
+                raise exc
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    except OSError:  # a read-only or full disk: serve anyway, convert again next time
+        return
