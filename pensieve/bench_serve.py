@@ -197,14 +197,13 @@ async def replay_workload(base: str, workload: Workload, seed: int, vocab: int, 
 
 def main(args) -> int:
     """The `bench-serve` verb."""
-    from .cli import scenario_overrides
     from .config import load_scenario
     from .core import rng_for
     from .outputs import prepare_folder
     from .results import SUMMARY_COLUMNS, format_table, summarize, summary_row, write_results
     from .workload import build_workload, scale_think_times
 
-    scenario = load_scenario(args.scenario, scenario_overrides(args))
+    scenario = load_scenario(args.scenario, args.overrides)
     workload = scale_think_times(build_workload(scenario.workload, rng_for(scenario)), scenario.run.time_scale)
     out = prepare_folder(Path(args.out or Path("results") / f"{scenario.name}-serve"), args.force,
                          inputs=(args.scenario,))
