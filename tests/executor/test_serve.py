@@ -239,3 +239,22 @@ def test_health_and_metrics_in_prometheus_text(server) -> None:
                  "pensieve_step_seconds_bucket", "pensieve_time_to_first_token_seconds_count", "pensieve_info{"):
         assert name in page, name
     assert server.metric("pensieve_generation_tokens_total") >= 3
+
+
+def test_greedy_requests_on_a_sampling_server_take_the_row_path_and_equal_stateless(llama) -> None:
+    """A server whose default is to sample: a request asking for temperature 0 is sampled row by row
+    with its own settings (the batched path serves only requests with the engine's own), and must
+    still give the greedy tokens."""
+    with live_server(llama, EngineConfig(device_slots=64, host_slots=64, temperature=0.8)) as live:
+        replies = {}
+
+        def ask(c: int) -> None:
+            replies[c] = complete(live, [40 + c] * 30, max_tokens=6).choices[0].token_ids
+
+        threads = [threading.Thread(target=ask, args=(c,)) for c in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    for c, answer in replies.items():
+        assert answer == stateless_answer(llama, [40 + c] * 30, 6)
