@@ -253,10 +253,9 @@ class Engine:
         return finished
 
     def execute(self, plan: StepPlan) -> StepResult:
-        """The backend: the plan's copies (swap-outs, then swap-ins), one forward, one sampled token per request."""
+        """The backend: the plan's copies (in `copy_order`), one forward, one sampled token per request."""
         start = time.perf_counter()
-        self.store.swap_out(plan.swap_out)
-        self.store.swap_in(plan.swap_in)
+        self.store.copy_step(plan.urgent_swap_out, plan.swap_in, plan.ahead_swap_out)
         request_ids, seqs = self._batch(plan)
         tokens: dict[int, int] = {}
         if seqs:

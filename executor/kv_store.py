@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,41 @@ def _runs(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
         else:
             runs.append((src, dst, 1))
     return runs
+
+
+@dataclass(frozen=True)
+class CopyOp:
+    """One entry of a step's copy order: copy `runs` (src, dst, count) of `kind` for one layer (None: all
+    of them), or record an event ("event") once everything before it is done."""
+
+    kind: str  # "out" (urgent swap-out), "in" (swap-in), "ahead" (ahead-of-time swap-out), "event"
+    layer: int | None
+    runs: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def index(self) -> int | slice:
+        return slice(None) if self.layer is None else self.layer
+
+
+def copy_order(layers: int, urgent_out: list, swap_in: list, ahead_out: list) -> list[CopyOp]:
+    """The order a step's copies are issued in, one stream: layer by layer, the urgent swap-outs (whose
+    device slots a swap-in or the forward refills), the swap-ins, then an event the forward's layer
+    waits on; after every layer, the ahead-of-time swap-outs of all layers and their event.
+
+    Layer 0's attention thus waits only for layer 0's own copies, not for every swap-out of the step.
+    With no urgent swap-outs and no swap-ins there are no layer events (nothing to wait for)."""
+    order: list[CopyOp] = []
+    if urgent_out or swap_in:
+        for layer in range(layers):
+            if urgent_out:
+                order.append(CopyOp("out", layer, tuple(urgent_out)))
+            if swap_in:
+                order.append(CopyOp("in", layer, tuple(swap_in)))
+            order.append(CopyOp("event", layer))
+    if ahead_out:
+        order.append(CopyOp("ahead", None, tuple(ahead_out)))
+        order.append(CopyOp("event", None))
+    return order
 
 
 def available_memory() -> int | None:
@@ -91,6 +127,7 @@ class PagedKVStore:
         self.host_pool = torch.empty((layers, host_slots, *chunk_shape), dtype=dtype, pin_memory=on_cuda)
         self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._layer_events: list[Any] = [None] * layers
+        self._ahead_done: Any = None  # CUDA event after the last step's ahead-of-time copies
 
     @classmethod
     def for_model(
@@ -109,36 +146,59 @@ class PagedKVStore:
 
     def swap_out(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy chunks device -> host, all layers, for each (device_slot, host_slot) pair."""
-        self._copy(_runs(pairs), self.device_pool, self.host_pool)
+        self.copy_step(pairs, (), ())
 
     def swap_in(self, pairs: Sequence[tuple[int, int]]) -> list[Any] | None:
         """Copy chunks host -> device, layer by layer, for each (host_slot, device_slot) pair.
 
         Returns the per-layer CUDA events the attention waits on (None on CPU, where the copy is done).
         """
-        return self._copy(_runs(pairs), self.host_pool, self.device_pool)
+        return self.copy_step((), pairs, ())
 
-    def _copy(self, runs: list[tuple[int, int, int]], src: torch.Tensor, dst: torch.Tensor) -> list[Any] | None:
+    def copy_step(self, urgent_out: Sequence[tuple[int, int]], swap_in: Sequence[tuple[int, int]],
+                  ahead_out: Sequence[tuple[int, int]] = ()) -> list[Any] | None:
+        """A step's copies in `copy_order`: per layer, the swap-outs whose device slots this step refills,
+        then that layer's swap-ins, then the layer's event; the ahead-of-time swap-outs last, so that
+        they never delay a layer the forward waits for. Returns the per-layer events (None on CPU)."""
+        order = copy_order(self.layers, _runs(urgent_out), _runs(swap_in), _runs(ahead_out))
         if self._copy_stream is None:
-            for s, d, n in runs:
-                dst[:, d : d + n].copy_(src[:, s : s + n])
+            for op in order:
+                if op.kind != "event":
+                    src, dst = (self.device_pool, self.host_pool) if op.kind != "in" else (self.host_pool,
+                                                                                           self.device_pool)
+                    for s, d, n in op.runs:
+                        dst[op.index, d:d + n].copy_(src[op.index, s:s + n])
             return None
-        if not runs:
-            return None
+        return self._issue_cuda(order)
+
+    def _issue_cuda(self, order: list[CopyOp]) -> list[Any] | None:
         stream = self._copy_stream
+        current = torch.cuda.current_stream(self.device)
+        if self._ahead_done is not None:
+            # The last step's ahead-of-time copies read slots this step may refill.
+            current.wait_event(self._ahead_done)
+            self._ahead_done = None
+        if not order:
+            return None
         # Earlier forwards may still read or write these slots on the compute stream.
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        events = []
+        stream.wait_stream(current)
+        events: list[Any] = []
         with torch.cuda.stream(stream):
-            for layer in range(self.layers):
-                for s, d, n in runs:
-                    dst[layer, d : d + n].copy_(src[layer, s : s + n], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-                events.append(event)
-        # Copies on one stream complete in order, so the latest event per layer covers earlier ones.
-        self._layer_events = list(events)
-        return events
+            for op in order:
+                if op.kind == "event":
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    if op.layer is None:
+                        self._ahead_done = event
+                    else:
+                        events.append(event)
+                    continue
+                src, dst = (self.device_pool, self.host_pool) if op.kind != "in" else (self.host_pool, self.device_pool)
+                for s, d, n in op.runs:
+                    dst[op.index, d:d + n].copy_(src[op.index, s:s + n], non_blocking=True)
+        if events:
+            self._layer_events = events
+        return events or None
 
     def wait_layer(self, layer: int) -> None:
         """Make the compute stream wait until this layer's pending copies are done (no-op on CPU)."""

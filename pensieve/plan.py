@@ -28,8 +28,12 @@ class PrefillItem:
 class StepPlan:
     """One iteration of the unified batch, and the cache copies to carry out before it runs.
 
-    Copies run in this order: swap-outs (device -> host), then swap-ins (host -> device), then
-    the forward pass, because a slot freed by a swap-out may be refilled by a swap-in.
+    `swap_out` lists the swap-outs whose device slots this step refills first (a swap-in or a new
+    chunk takes the slot they empty), then the last `swap_out_ahead` of them: ahead-of-time copies
+    of idle chunks, whose device copies stay. A backend must finish a refilled slot's swap-out before
+    writing the slot; swap-ins have priority over ahead-of-time copies (the paper's order; the cost
+    model charges swap-out only for idle link time). Per layer: that layer's urgent swap-outs, its
+    swap-ins, then the forward may use it; ahead-of-time copies after.
     """
 
     index: int
@@ -40,6 +44,17 @@ class StepPlan:
     swap_in: list[tuple[int, int]]  # (host slot, device slot)
     dropped_chunks: int = 0
     suspended: list[int] = field(default_factory=list)
+    swap_out_ahead: int = 0  # the last this many of swap_out are ahead-of-time copies
+
+    @property
+    def urgent_swap_out(self) -> list[tuple[int, int]]:
+        """Swap-outs whose device slots this step refills."""
+        return self.swap_out[:len(self.swap_out) - self.swap_out_ahead]
+
+    @property
+    def ahead_swap_out(self) -> list[tuple[int, int]]:
+        """Ahead-of-time copies: the device copy stays; nothing this step writes their slots."""
+        return self.swap_out[len(self.swap_out) - self.swap_out_ahead:]
 
     @property
     def num_tokens(self) -> int:

@@ -146,11 +146,12 @@ class Scheduler(PlainSteps):
             if not self.prefill_first:
                 prefills = self._admit(now, len(decodes))
 
+        urgent = len(cache.swap_out_ops)  # reclaimed for this step's chunks: their slots are refilled
         if decodes or prefills:  # an empty plan may be dropped (below): it must carry no copies
             cache.swap_out_ahead(now, self.swap_out_threshold)
         self.steps += 1
         plan = StepPlan(self.steps, decodes, context, prefills, cache.swap_out_ops, cache.swap_in_ops,
-                        cache.dropped_this_step, suspended)
+                        cache.dropped_this_step, suspended, len(cache.swap_out_ops) - urgent)
         # A plan with tokens must be completed before the next; an empty one (nothing to run)
         # may simply be dropped by a driver that waits for work.
         self._planned = plan.index if decodes or prefills else None
