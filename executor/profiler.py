@@ -456,6 +456,7 @@ def _profile_dict(loaded: LoadedModel, device: torch.device, grid: Grid, attenti
         "format": 1,
         "source": "measured",
         "device": _device_name(device),
+        "device_type": device.type,
         "device_detail": _device_detail(device),
         "model": {"name": loaded.name, "dims": {k: v for k, v in spec.to_dict().items() if k != "name"}},
         "dtype": spec.dtype,

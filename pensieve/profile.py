@@ -38,12 +38,26 @@ class ProfileError(ValueError):
 
 # Every key a profile may hold, so that a misspelt one ("prefil_attention_s", or "unit: ms" read as
 # seconds) is an error rather than silently ignored.
-TOP_KEYS = ("format", "source", "analytical", "method", "device", "device_detail", "model", "tensor_parallel", "dtype",
+TOP_KEYS = ("format", "source", "analytical", "method", "device", "device_type", "device_detail", "model",
+            "tensor_parallel", "dtype",
             "chunk_tokens",
             "overlap_copies", "versions", "date", "tables", "profile_seconds", "repeats", "runtime", "notes")
 TABLE_KEYS = ("chunk_attention_s", "decode_attention_s", "non_attention_s", "per_sequence_s", "step_overhead_s",
               "copy_s", "prefill_attention_s", "fresh_prefill_attention_s")
 COPY_KEYS = ("chunk_s", "layer_chunk_s", "bandwidth_gb_s", "bytes_per_chunk")
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def device_type(profile: "Profile") -> str:
+    """The kind of device a profile was measured on, as torch names it: its `device_type` key, or (for
+    profiles written before the key) "cpu" for a device named cpu and "cuda" for any other (measured
+    GPU profiles are named after the GPU, e.g. nvidia-h100-80gb-hbm3)."""
+    explicit = profile.data.get("device_type")
+    if explicit is not None:
+        return explicit
+    return "cpu" if profile.device.lower().startswith("cpu") else "cuda"
 
 
 def _fail(source: str, key: str, message: str) -> ProfileError:
@@ -142,6 +156,8 @@ def profile_from_dict(data: Any, source: str = "<dict>") -> Profile:
     if kind == "analytical":
         _get(source, data, "analytical", "", dict, "the roofline figures and their sources")
     device = _get(source, data, "device", "", str, "a device name, e.g. cpu or a100-80gb")
+    if data.get("device_type", "cpu") not in DEVICE_TYPES:
+        raise _fail(source, "device_type", f"{data['device_type']!r}; allowed: {', '.join(DEVICE_TYPES)}")
     model = _get(source, data, "model", "", dict, "{name: ..., dims: {...}}")
     name = _get(source, model, "name", "model", str, "the model's name")
     dims = _get(source, model, "dims", "model", dict, "the model's dimensions (ModelSpec fields)")

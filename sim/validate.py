@@ -16,6 +16,7 @@ from pensieve.cli import scenario_overrides
 from pensieve.core import build_cost_model, rng_for
 from pensieve.cost import ScaledCostModel
 from pensieve.plan import PrefillItem, StepPlan
+from pensieve.profile import device_type
 from pensieve.outputs import prepare_folder
 from pensieve.results import format_table, normalized_latency_ms, ttft_s, write_text
 from pensieve.workload import build_workload, scale_think_times
@@ -188,12 +189,14 @@ def per_turn(real: list, sim: list) -> list[dict]:
     return rows
 
 
-def check_profile_device(profile_device: str, real_device: str, source: str) -> None:
-    """Refuse a profile measured on another kind of device than the real run uses."""
+def check_profile_device(profile, real_device: str, source: str) -> None:
+    """Refuse a profile measured on another kind of device than the real run uses (a CPU profile for a
+    CUDA run, or the reverse). Kinds, not names: a GPU profile is named after the GPU."""
     kind = "cuda" if real_device.startswith("cuda") else "cpu"
-    if not profile_device.lower().startswith(kind) and kind not in profile_device.lower():
-        raise ValueError(f"{source}: profile: measured on {profile_device!r} but the real run uses {real_device!r}; "
-                         "profile this device first (pensieve profile) and name that profile")
+    measured_on = device_type(profile)
+    if measured_on != kind:
+        raise ValueError(f"{source}: profile: measured on {profile.device!r} ({measured_on}) but the real run uses "
+                         f"{real_device!r}; profile this device first (pensieve profile) and name that profile")
 
 
 def profiled_threads(cost, device_type: str) -> int | None:
@@ -230,7 +233,7 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
                          "measured profile of this device")
     loaded = load_scenario_model(scenario, source, device)
     if profile is not None:
-        check_profile_device(profile.device, str(loaded.device), source)
+        check_profile_device(profile, str(loaded.device), source)
     threads = None
     if loaded.device.type == "cpu":
         # Probes, real run and profile must compute alike: the same allocator settings, and one fixed

@@ -134,3 +134,23 @@ def test_each_metric_is_judged_against_its_target_and_the_real_runs_spread():
     comparison[2]["error"] = 0.0  # no spread in latency across these runs, and within target
     assert metric_verdicts(comparison, spread[:3])[2]["verdict"] == "within target"
     assert real_spread([summary(1.0, 0.5)])[0]["spread"] is None  # one run has no spread
+
+
+@pytest.mark.parametrize("name, kind, real, accepted", [
+    ("nvidia-h100-80gb-hbm3", "cuda", "cuda:0", True),  # named after the GPU, as the profiler writes it
+    ("nvidia-h100-80gb-hbm3", None, "cuda:0", True),  # written before device_type: any non-CPU name is a GPU
+    ("cpu", "cpu", "cuda:0", False),
+    ("nvidia-a10g", "cuda", "cpu", False),
+    ("cpu", None, "cpu", True),
+])
+def test_validation_matches_the_kind_of_device_not_its_name(name, kind, real, accepted) -> None:
+    from types import SimpleNamespace
+
+    from sim.validate import check_profile_device
+
+    profile = SimpleNamespace(device=name, data={} if kind is None else {"device_type": kind})
+    if accepted:
+        check_profile_device(profile, real, "s.yaml")
+    else:
+        with pytest.raises(ValueError, match="profile this device first"):
+            check_profile_device(profile, real, "s.yaml")
