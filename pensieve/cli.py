@@ -213,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler="executor.serving.command:serve_command")
 
+    p = sub.add_parser("selfcheck", help="this device in one go: equivalence under swaps and drops, a quick profile, "
+                                         "a small validation, and a one-page report")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default=None, help="report folder (default: results/selfcheck)")
+    p.add_argument("--small", action="store_true", help="the random model only and a tiny profile (what CI runs)")
+    p.set_defaults(handler="sim.selfcheck:selfcheck_command")
+
     p = sub.add_parser(
         "bench-serve", help="replay a scenario's workload against any OpenAI-compatible server; writes the "
                             "summary.json and requests.csv of pensieve run",
