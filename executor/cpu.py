@@ -6,8 +6,9 @@ prefill, attention gathers) were page-faulted afresh in every layer: on this VM 
 ~3 us per 4 KiB page, and the decode steps of a SmolLM2 run spent more time in the kernel than
 computing. A fixed 32 MiB threshold with trimming off keeps freed memory mapped for reuse.
 
-Threads: PENSIEVE_THREADS when set; otherwise `ThreadGovernor` runs with every core that other
-processes leave free. OpenMP threads wait for each other at the end of every parallel region; when
+Threads (every rule the executor uses is here): PENSIEVE_THREADS when set; one for tiny models;
+otherwise, serving, `ThreadGovernor` runs with every core that other processes leave free
+(`fixed_threads`, `serving_threads`); profiling measures with one (`profiling_threads`). OpenMP threads wait for each other at the end of every parallel region; when
 another process keeps a core busy, the thread on that core loses whole time slices, and on a 2-core
 machine two threads ran SmolLM2's decode steps ~10x slower than one (while on a free machine two are
 ~1.6x faster than one).
@@ -83,6 +84,14 @@ def serving_threads(dims: dict | None = None) -> int:
     """`fixed_threads`, else every available core (what the governor picks on an idle machine)."""
     threads = fixed_threads(dims)
     return available_cores() if threads is None else threads
+
+
+def profiling_threads() -> int:
+    """Intra-op threads the profiler measures with on the CPU: PENSIEVE_THREADS, else one. With another
+    process on the other core, two threads made small matmuls ~20x slower and timings swing; one
+    thread gives tables that hold. The count is recorded in the profile, and validation serves with
+    it (a comparison must not measure a thread setting)."""
+    return env_threads() or 1
 
 
 @contextlib.contextmanager

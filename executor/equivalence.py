@@ -1,6 +1,8 @@
 """What "equal to stateless recompute" means in each precision.
 
-- fp32: the same greedy tokens, and logits within 1e-4 at every step (the CPU suites' standard).
+- fp32: the same greedy tokens, and logits within 1e-4 or 64 units in the last place of the largest
+  reference logit, whichever is larger (the tiny models' logits are ~3, SmolLM2's ~30: a fixed 1e-4
+  held for the first and failed the second by summation order alone, 1.2e-4 over 30 layers).
 - fp16 / bf16: the order of floating-point sums depends on the batch's shape (which sequences share
   a step, how a context is split into chunks), and half precision rounds each sum coarsely, so two
   correct runs give slightly different logits and may break a near tie differently. The check:
@@ -10,8 +12,9 @@
   differs at a near tie is allowed; the two conversations then part, and what follows is not
   comparable (it is counted, not checked).
 
-Measured on the tiny random Llama on this CPU under forced swaps and drops: bf16 logits differed by
-at most 0.027 (about 2 units in the last place at logits of 3.4), fp16 by 0.0039, fp32 by 2.4e-6.
+Measured on this CPU under forced swaps, drops and a suspension: on the tiny random Llama, bf16
+logits differed by at most 0.027 (about 2 units in the last place at logits of 3.4), fp16 by
+0.0039, fp32 by 2.4e-6; on SmolLM2-135M in fp32, by 1.2e-4 (`pensieve selfcheck`).
 """
 
 from __future__ import annotations
@@ -22,17 +25,20 @@ from dataclasses import dataclass, field
 import torch
 
 FP32_ATOL = 1e-4
+FP32_ULPS = 64
 HALF_ULPS = 8
-EPSILON = {"float16": torch.finfo(torch.float16).eps, "bfloat16": torch.finfo(torch.bfloat16).eps}
+EPSILON = {"float32": torch.finfo(torch.float32).eps, "float16": torch.finfo(torch.float16).eps,
+           "bfloat16": torch.finfo(torch.bfloat16).eps}
 
 
 def tolerance(dtype: str, reference: torch.Tensor) -> float:
     """The largest logit difference allowed at one step, given the reference's logits there."""
-    if dtype == "float32":
-        return FP32_ATOL
     if dtype not in EPSILON:
         raise ValueError(f"no equivalence is defined for dtype {dtype!r}; allowed: float32, float16, bfloat16")
-    return HALF_ULPS * EPSILON[dtype] * max(1.0, float(reference.abs().max()))
+    scale = max(1.0, float(reference.abs().max()))
+    if dtype == "float32":
+        return max(FP32_ATOL, FP32_ULPS * EPSILON[dtype] * scale)
+    return HALF_ULPS * EPSILON[dtype] * scale
 
 
 @dataclass

@@ -9,8 +9,8 @@ and modification time, so a changed file is converted again; it is written to a 
 and renamed, so an interrupted conversion leaves nothing half-written. A cache that cannot be
 written (a read-only home) only costs the conversion each time.
 
-PENSIEVE_CACHE_DIR moves the cache (default: $XDG_CACHE_HOME/pensieve, else ~/.cache/pensieve);
-PENSIEVE_CACHE_DIR=off disables it.
+The cache lives in gguf/ under PENSIEVE_CACHE (executor/user_cache.py); PENSIEVE_GGUF_CACHE=0
+turns it off.
 """
 
 from __future__ import annotations
@@ -24,28 +24,18 @@ from typing import Any
 
 import torch
 
-CACHE_ENV = "PENSIEVE_CACHE_DIR"
+from executor.user_cache import cache_root
+
+SWITCH_ENV = "PENSIEVE_GGUF_CACHE"
 COMPLETE = "converted-from.txt"  # written last: a folder without it is not a cache entry
-
-
-def cache_root() -> Path | None:
-    """Where converted models live; None when the cache is off."""
-    value = os.environ.get(CACHE_ENV, "").strip()
-    if value.lower() == "off":
-        return None
-    if value:
-        return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
-    return Path(base) / "pensieve"
 
 
 def entry_for(path: Path) -> Path | None:
     """The cache folder of one GGUF file as it is now (name, size, modification time)."""
-    root = cache_root()
-    if root is None:
+    if os.environ.get(SWITCH_ENV, "1").strip() == "0":
         return None
     stat = path.stat()
-    return root / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    return cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def load_converted(path: Path, dtype: torch.dtype, convert: Callable[[Path], tuple[Any, Any]]) -> tuple[Any, Any]:

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from executor.attention import PAGED_ATTENTION, paged_attention_forward, register_paged_attention
-from executor.cpu import ALLOCATOR, env_threads, tune_allocator
+from executor.cpu import ALLOCATOR, profiling_threads, torch_threads, tune_allocator
 from executor.kv_store import PagedKVStore
 from executor.models import RANDOM_PREFIX, LoadedModel, ModelLoadError, default_device, dtype_name, load_model
 from executor.models import preset_dims, resolve_device, resolve_dtype
@@ -62,15 +62,9 @@ def main(args: Any) -> int:
 
 @contextlib.contextmanager
 def _threads(device: torch.device) -> Iterator[None]:
-    """PENSIEVE_THREADS intra-op threads on CPU, else one: with another process on the other core, two
-    threads made small matmuls ~20x slower and timings swing. Serving must use the same count."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(env_threads() or 1)
-    try:
+    """Measure with `profiling_threads()` on the CPU (executor/cpu.py says why)."""
+    with torch_threads(profiling_threads() if device.type == "cpu" else None):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _slug(name: str) -> str:

@@ -6,15 +6,14 @@ session's token ids stay in the engine between calls, so a stateful server reuse
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
-from executor.cpu import env_threads
+from executor.cpu import serving_threads, torch_threads
 from executor.engine import Engine, EngineConfig
 from executor.models import default_device, LoadedModel, load_model
 from executor.tokenizer import chat_prompt_ids, text_tokenizer
@@ -51,32 +50,6 @@ def default_cache_gb(device: torch.device) -> tuple[float, float]:
     return min(CUDA_CACHE_GB[0], 0.8 * free_device / 1e9), min(CUDA_CACHE_GB[1], 0.5 * free_host / 1e9)
 
 
-def default_cpu_threads(dims: dict) -> int:
-    """Intra-op threads for a CPU model: PENSIEVE_THREADS when set; one for tiny models, whose small
-    matmuls only lose to thread hand-offs; otherwise every core but one, left to the Python loop
-    (scheduler, index building)."""
-    threads = env_threads()
-    if threads is not None:
-        return threads
-    if dims["hidden_size"] < 256:
-        return 1
-    return max(1, len(os.sched_getaffinity(0)) - 1)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Run with `threads` intra-op threads and restore the caller's setting (None: leave it)."""
-    if threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 class PensieveServer:
     """Chat sessions served by an engine: stateful (`pensieve`) or recomputing every turn (`stateless`)."""
 
@@ -98,7 +71,7 @@ class PensieveServer:
         messages = [*self._messages.get(session_id, []), {"role": "user", "content": text}]
         prompt = chat_prompt_ids(self.tokenizer, messages, engine.conversation_ids(session_id), engine.eos_token_ids)
         start = time.perf_counter()
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             request = engine.add_request(session_id, prompt, self.max_new_tokens, start, stop_at_eos=self.stop_at_eos)
             engine.run_until_idle()
         answer_ids = engine.generated_ids(request.id)
@@ -200,7 +173,7 @@ def create_server(
 
     `mode`: pensieve (stateful, eviction `policy`), stateless or vllm (recompute every turn). Caches
     default to 40 GB / 100 GB on CUDA (capped to what is free) and 1 GB / 2 GB on CPU. `threads`:
-    torch threads while serving (default on CPU: `default_cpu_threads`; on CUDA: unchanged).
+    torch threads while serving (default on CPU: `executor.cpu.serving_threads`; on CUDA: unchanged).
     `stop_at_eos=False` generates exactly `max_new_tokens` per turn, as comparisons need.
     """
     if mode not in MODES:
@@ -223,5 +196,5 @@ def create_server(
     )
     tokenizer = text_tokenizer(loaded)  # random weights: bytes in, bytes out
     if threads is None and loaded.device.type == "cpu":
-        threads = default_cpu_threads(loaded.dims)
+        threads = serving_threads(loaded.dims)
     return PensieveServer(Engine(loaded, config), MODES[mode], tokenizer, max_new_tokens, stop_at_eos, threads)

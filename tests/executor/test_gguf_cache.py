@@ -16,7 +16,7 @@ MESSAGES = [{"role": "user", "content": "Héllo, what's 2+2? Answer in one word.
 
 
 def test_a_cached_model_is_the_converted_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network) -> None:
-    monkeypatch.setenv("PENSIEVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PENSIEVE_CACHE", str(tmp_path))
     converted = models.load_model(None)
     [entry] = (tmp_path / "gguf").iterdir()
     assert (entry / COMPLETE).is_file()
@@ -41,9 +41,10 @@ def test_a_cached_model_is_the_converted_model(tmp_path: Path, monkeypatch: pyte
 
 def test_a_cache_that_is_off_or_cannot_be_written_only_costs_the_conversion(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network) -> None:
-    monkeypatch.setenv("PENSIEVE_CACHE_DIR", "off")
+    monkeypatch.setenv("PENSIEVE_GGUF_CACHE", "0")
     assert models.load_model(None).dims["layers"] == 30
     blocked = tmp_path / "file-not-folder"
     blocked.write_text("")
-    monkeypatch.setenv("PENSIEVE_CACHE_DIR", str(blocked))  # mkdir under a file fails
+    monkeypatch.delenv("PENSIEVE_GGUF_CACHE")
+    monkeypatch.setenv("PENSIEVE_CACHE", str(blocked))  # mkdir under a file fails
     assert models.load_model(None).dims["layers"] == 30

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from executor.models import LoadedModel
-from executor.server import create_server, default_cache_gb, default_cpu_threads
+from executor.cpu import serving_threads
+from executor.server import create_server, default_cache_gb
 from executor.tokenizer import ByteTokenizer, chat_prompt_ids
 from tests.executor.test_engine import smollm2
 
@@ -87,7 +88,7 @@ def test_modes_defaults_and_bad_arguments(tiny_model: Callable[[str], LoadedMode
     stats = server.get_statistics()
     assert stats["device_cache_gb"] == pytest.approx(1.0, rel=1e-4) and stats["host_cache_gb"] == 0
     assert server.max_new_tokens == 32 and server.engine.config.temperature == 0.0
-    assert server.threads == default_cpu_threads(server.engine.loaded.dims) == 1  # tiny: one thread
+    assert server.threads == serving_threads(server.engine.loaded.dims) == 1  # tiny: one thread
     threads = torch.get_num_threads()
     create_server("stateless", tiny_model("tiny-llama"), gpu_cache_gb=SMALL_CACHE_GB, max_new_tokens=2,
                   threads=threads + 1).process_request("s", "Hi")
