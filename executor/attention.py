@@ -9,7 +9,8 @@ span plus a new prompt span); the positions in between must already be in the po
 Cost notes (CPU, where this runs the benchmark): decodes on the CPU in fp32 read their chunks
 straight from the pool in a C kernel (executor/native.py); elsewhere they, and multi-token spans
 everywhere, gather whole chunks with `index_select` (one contiguous block per chunk, K and V
-apart) rather than token by token. Multi-token spans of similar size share one padded SDPA call
+apart) rather than token by token. Decodes go in groups of similar context length, each group's
+padded gather at most DECODE_GATHER_BYTES per layer (`decode_groups`). Multi-token spans of similar size share one padded SDPA call
 per layer (runs of equal fresh prefills need no padding, mask or gather at all). Grouped-query
 attention never repeats K/V on the CPU: SDPA's `enable_gqa` for spans, head groups folded into
 the query length for decodes. Masks are built once per step, additive in the query dtype.
@@ -73,7 +74,7 @@ class PagedAttentionMetadata:
     write_slots: torch.Tensor  # [total_q] device slot where each query token's K/V goes
     write_offsets: torch.Tensor  # [total_q]
     groups: list[_SpanGroup]
-    decodes: _Decodes | None
+    decodes: list[_Decodes]  # in groups of similar context length (see `decode_groups`)
     max_kv_len: int
 
     @classmethod
@@ -118,7 +119,8 @@ class PagedAttentionMetadata:
             write_slots=torch.tensor(write_slots, dtype=torch.long, device=device),
             write_offsets=torch.tensor(write_offsets, dtype=torch.long, device=device),
             groups=[_build_group(g, chunk, device, dtype) for g in _group_spans(spans)],
-            decodes=_build_decodes(decodes, chunk, device, dtype) if decodes else None,
+            decodes=[_build_decodes(g, chunk, device, dtype)
+                     for g in decode_groups(decodes, chunk, store.decode_bytes_per_token)],
             max_kv_len=max_kv_len,
         )
 
@@ -207,6 +209,36 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device) -
     """A boolean mask (True = attend) as the additive float mask SDPA would convert it to."""
     mask = torch.zeros(allowed.shape, dtype=dtype)
     return mask.masked_fill_(~allowed, float("-inf")).to(device)
+
+
+# The K and V that one decode group's padded gather may copy per layer, where a decode is not served in
+# place by the C kernel (CUDA, half precision). Padding every decode to the longest context once took
+# 43 GB per layer for OPT-13B with 128 decodes, one of them at 16K tokens.
+DECODE_GATHER_BYTES = 256 << 20
+
+
+def decode_groups(decodes: list[tuple[int, list[int], int]], chunk: int, bytes_per_token: int,
+                  budget: int | None = None) -> list[list[tuple[int, list[int], int]]]:
+    """Decodes (query index, block table, context length) in groups attended together: longest first,
+    a group closed when padding would exceed MAX_PADDING x its real work or its padded K and V would
+    exceed `budget` bytes. The temporaries of a decode step's attention are thus at most `budget` per
+    layer, or one decode's own context where that alone is larger (default budget: DECODE_GATHER_BYTES)."""
+    budget = DECODE_GATHER_BYTES if budget is None else budget
+    groups: list[list[tuple[int, list[int], int]]] = []
+    current: list[tuple[int, list[int], int]] = []
+    real = 0
+    for item in sorted(decodes, key=lambda d: d[2], reverse=True):
+        longest = current[0][2] if current else item[2]
+        count = len(current) + 1
+        gathered = count * -(-longest // chunk) * chunk  # whole chunks are gathered
+        if current and (count * longest > MAX_PADDING * (real + item[2]) or gathered * bytes_per_token > budget):
+            groups.append(current)
+            current, real = [], 0
+        current.append(item)
+        real += item[2]
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _build_decodes(decodes: list[tuple[int, list[int], int]], chunk: int, device: torch.device,
@@ -312,8 +344,7 @@ def paged_attention_forward(
             out[g.start : g.start + rows] = o
         else:
             out[g.targets] = o.index_select(0, g.valid)
-    if meta.decodes is not None:
-        d = meta.decodes
+    for d in meta.decodes:
         qd = q[:, d.q_index].transpose(0, 1)  # [n, heads, head_dim]
         if _native_decode(pool, qd):
             out[d.q_index] = native.paged_decode(pool, d.chunks, d.kv_lens, qd.contiguous(), scale)

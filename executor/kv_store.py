@@ -140,6 +140,11 @@ class PagedKVStore:
                    dtype, device)
 
     @property
+    def decode_bytes_per_token(self) -> int:
+        """Bytes of one token's K and V in one layer: what a gather copies per token and layer."""
+        return 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
     def bytes_per_chunk(self) -> int:
         """Bytes of one chunk slot, K and V of all layers: 2 x layers x chunk x kv_heads x head_dim x itemsize."""
         return 2 * self.layers * self.chunk_tokens * self.kv_heads * self.head_dim * self.dtype.itemsize
