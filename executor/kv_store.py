@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from executor.host_tier import HostTier
+
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}  # bfloat16: numpy has none
 
 
@@ -92,7 +94,8 @@ class PagedKVStore:
 
     Both pools are layer-major so one layer's KV can move and be attended to on its own:
     `device_pool`: [layers, device_slots, 2, chunk_tokens, kv_heads, head_dim] (index 0 of dim 2 is K, 1 is V),
-    `host_pool`:   [layers, host_slots,   2, chunk_tokens, kv_heads, head_dim], pinned on CUDA.
+    `host`: the host tier, [layers, host_slots, 2, chunk_tokens, kv_heads, head_dim] in pieces of at most
+    1 GiB (executor/host_tier.py), pinned on CUDA; `host_pool` is it as one tensor when it is one piece.
     On CUDA, copies run on a separate stream and record one event per layer; the attention of a
     layer calls `wait_layer` so it starts only when that layer's copies are done. Anything else
     that touches slots involved in a copy must call `synchronize` first. On CPU a copy is a plain
@@ -122,9 +125,7 @@ class PagedKVStore:
                      + (0 if on_cuda else device_slots * chunk_bytes))
         # Zero-filled: a padded gather may read slots never written, and a masked-out NaN still poisons softmax @ V.
         self.device_pool = zeroed((layers, device_slots, *chunk_shape), dtype, self.device)
-        # Left unfilled: a host slot is only read by a swap-in after a swap-out wrote all of it, and
-        # filling gigabytes of host tier would only slow start-up.
-        self.host_pool = torch.empty((layers, host_slots, *chunk_shape), dtype=dtype, pin_memory=on_cuda)
+        self.host = HostTier(layers, host_slots, chunk_shape, dtype, pin=on_cuda)  # in pieces, pinned on CUDA
         self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._layer_events: list[Any] = [None] * layers
         self._ahead_done: Any = None  # CUDA event after the last step's ahead-of-time copies
@@ -138,6 +139,13 @@ class PagedKVStore:
         dtype = getattr(torch, dims["dtype"])
         return cls(device_slots, host_slots, dims["layers"], dims["kv_heads"], dims["head_dim"], chunk_tokens,
                    dtype, device)
+
+    @property
+    def host_pool(self) -> torch.Tensor:
+        """The host tier as one tensor, when it is one piece (small tiers: tests, the profiler)."""
+        if len(self.host.pieces) != 1:
+            raise ValueError(f"the host tier is in {len(self.host.pieces)} pieces; use store.host")
+        return self.host.pieces[0]
 
     @property
     def decode_bytes_per_token(self) -> int:
@@ -168,13 +176,19 @@ class PagedKVStore:
         order = copy_order(self.layers, _runs(urgent_out), _runs(swap_in), _runs(ahead_out))
         if self._copy_stream is None:
             for op in order:
-                if op.kind != "event":
-                    src, dst = (self.device_pool, self.host_pool) if op.kind != "in" else (self.host_pool,
-                                                                                           self.device_pool)
-                    for s, d, n in op.runs:
-                        dst[op.index, d:d + n].copy_(src[op.index, s:s + n])
+                self._copy_op(op, non_blocking=False)
             return None
         return self._issue_cuda(order)
+
+    def _copy_op(self, op: CopyOp, non_blocking: bool) -> None:
+        """One copy entry, its runs split where they cross from one host piece to the next."""
+        if op.kind == "event":
+            return
+        inward = op.kind == "in"
+        for piece, s, d, n in self.host.split(list(op.runs), host_is_source=inward):
+            host = self.host.pieces[piece]
+            src, dst = (host, self.device_pool) if inward else (self.device_pool, host)
+            dst[op.index, d:d + n].copy_(src[op.index, s:s + n], non_blocking=non_blocking)
 
     def _issue_cuda(self, order: list[CopyOp]) -> list[Any] | None:
         stream = self._copy_stream
@@ -198,9 +212,7 @@ class PagedKVStore:
                     else:
                         events.append(event)
                     continue
-                src, dst = (self.device_pool, self.host_pool) if op.kind != "in" else (self.host_pool, self.device_pool)
-                for s, d, n in op.runs:
-                    dst[op.index, d:d + n].copy_(src[op.index, s:s + n], non_blocking=True)
+                self._copy_op(op, non_blocking=True)
         if events:
             self._layer_events = events
         return events or None

@@ -283,7 +283,7 @@ class Bench:
 
     def __init__(self, loaded: LoadedModel, chunk: int, device_slots: int, host_slots: int, seed: int = 0) -> None:
         self.store = PagedKVStore.for_model(loaded.dims, device_slots, host_slots, chunk, loaded.device)
-        self.store.host_pool.zero_()  # the store leaves it unfilled; garbage could hold NaNs or slow denormals
+        self.store.host.zero_()  # the store leaves it unfilled; garbage could hold NaNs or slow denormals
         self.runner = ModelRunner(loaded, self.store)
         self.device = loaded.device
         self.chunk = chunk
@@ -350,17 +350,19 @@ def _measure_copies(bench: Bench, repeats: int) -> dict[str, dict]:
     count = min(16, store.host_slots // 2, store.device_slots // 2)
     # Every other slot, so the store cannot merge neighbours into one long copy: one copy per chunk.
     pairs = list(zip(bench.slots[:count], range(0, 2 * count, 2)))
-    moves = {"device_to_host": (store.swap_out, pairs, store.device_pool, store.host_pool),
-             "host_to_device": (store.swap_in, [(h, d) for d, h in pairs], store.host_pool, store.device_pool)}
+    moves = {"device_to_host": (store.swap_out, pairs, lambda d, h: (store.host.slot(0, h), store.device_pool[0, d])),
+             "host_to_device": (store.swap_in, [(h, d) for d, h in pairs],
+                                lambda h, d: (store.device_pool[0, d], store.host.slot(0, h)))}
     out = {}
-    for direction, (swap, work, src, dst) in moves.items():
+    for direction, (swap, work, ends) in moves.items():
         def whole() -> None:
             swap(work)
             store.synchronize()
 
         def one_layer() -> None:
             for s, d in work:
-                dst[0, d].copy_(src[0, s], non_blocking=device.type == "cuda")
+                dst, src = ends(s, d)
+                dst.copy_(src, non_blocking=device.type == "cuda")
             _sync(device)
 
         chunk_s = [t / count for t in _time(whole, repeats * 3)]
