@@ -13,7 +13,8 @@ apart) rather than token by token. Decodes go in groups of similar context lengt
 padded gather at most DECODE_GATHER_BYTES per layer (`decode_groups`). Multi-token spans of similar size share one padded SDPA call
 per layer (runs of equal fresh prefills need no padding, mask or gather at all). Grouped-query
 attention never repeats K/V on the CPU: SDPA's `enable_gqa` for spans, head groups folded into
-the query length for decodes. Masks are built once per step, additive in the query dtype.
+the query length for decodes. Masks are built once per step, additive in the query dtype, on the
+device from each row's position or length (nothing of a step's masks is uploaded from the host).
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ def _build_group(spans: list[_SpanInput], chunk: int, device: torch.device, dtyp
     chunks: list[int] = []
     rows: list[int] = []
     valid: list[int] = []
-    allowed = torch.zeros(count, 1, q_len, kv_len, dtype=torch.bool)
-    allowed[:, :, :, 0] = True  # padded rows: key 0, so that their softmax stays finite
+    # Each row's query position; a padded row gets -1 and attends to key 0 only, so that its softmax
+    # stays finite. The mask is then built on the device from these few numbers, not uploaded.
+    positions: list[int] = []
     for i, span in enumerate(spans):
         chunks.extend(span.table)
         chunks.extend([0] * (max_chunks - len(span.table)))  # finite (the pool is zero-filled) and masked out
@@ -194,10 +196,13 @@ def _build_group(spans: list[_SpanInput], chunk: int, device: torch.device, dtyp
         rows.extend(range(span.q_start, span.q_start + n))
         rows.extend([span.q_start] * (q_len - n))
         valid.extend(range(i * q_len, i * q_len + n))
-        pos = torch.tensor(span.positions)
-        allowed[i, 0, :n] = torch.arange(kv_len)[None, :] <= pos[:, None]
+        positions.extend(span.positions)
+        positions.extend([-1] * (q_len - n))
     targets = [r for s in spans for r in range(s.q_start, s.q_start + len(s.positions))]
     tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    pos = tensor(positions).view(count, 1, q_len, 1)
+    keys = torch.arange(kv_len, device=device)
+    allowed = (keys <= pos) | ((pos < 0) & (keys == 0))  # [count, 1, q_len, kv_len]
     return _SpanGroup(
         count, q_len, kv_len, first,
         None if dense else tensor(rows), None if dense else tensor(valid), None if dense else tensor(targets),
@@ -206,8 +211,9 @@ def _build_group(spans: list[_SpanInput], chunk: int, device: torch.device, dtyp
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A boolean mask (True = attend) as the additive float mask SDPA would convert it to."""
-    mask = torch.zeros(allowed.shape, dtype=dtype)
+    """A boolean mask (True = attend) as the additive float mask SDPA would convert it to, built where
+    `allowed` is (the device: a step's masks are never uploaded from the host)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, float("-inf")).to(device)
 
 
@@ -251,17 +257,18 @@ def _build_decodes(decodes: list[tuple[int, list[int], int]], chunk: int, device
         chunks.extend(table)
         chunks.extend([0] * (max_chunks - len(table)))
     q_index = [q for q, _, _ in decodes]
-    kv_lens = torch.tensor([kv_len for _, _, kv_len in decodes])
+    lengths = [kv_len for _, _, kv_len in decodes]
+    kv_lens = torch.tensor(lengths, device=device)
     n = len(decodes)
     contiguous = q_index == list(range(q_index[0], q_index[0] + n))
     return _Decodes(
         q_index=slice(q_index[0], q_index[0] + n) if contiguous else torch.tensor(q_index, device=device),
         n=n,
         chunks=torch.tensor(chunks, dtype=torch.long, device=device).view(n, max_chunks),
-        kv_lens=kv_lens.to(device),
+        kv_lens=kv_lens,
         max_kv=max_kv,
-        mask=None if bool((kv_lens == max_kv).all()) else
-        _additive(torch.arange(max_kv)[None, :] < kv_lens[:, None], dtype, device)[:, None, None, :],
+        mask=None if min(lengths) == max_kv else  # built on the device from the lengths
+        _additive(torch.arange(max_kv, device=device)[None, :] < kv_lens[:, None], dtype, device)[:, None, None, :],
     )
 
 
