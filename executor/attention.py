@@ -19,6 +19,7 @@ device from each row's position or length (nothing of a step's masks is uploaded
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -290,14 +291,64 @@ _SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2,
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
           scale: float) -> torch.Tensor:
-    """SDPA with grouped KV heads: CPU kernels take `enable_gqa`; masked CUDA kernels do not, so repeat there."""
+    """SDPA with grouped KV heads: CPU kernels take `enable_gqa`; masked CUDA kernels do not, so repeat there.
+    On CUDA only the fused kernels may serve it (`fused_only`)."""
     groups = q.shape[-3] // k.shape[-3]
     if groups > 1 and q.device.type == "cpu" and _SDPA_GQA:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     if groups > 1:
         k = k.repeat_interleave(groups, dim=-3)
         v = v.repeat_interleave(groups, dim=-3)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    with fused_only(q.device):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+# SDPA falls back to its math kernel, silently, when no fused kernel takes a call (a dtype, a head size,
+# a mask layout): the math kernel materializes every [query, key] score matrix, 16K x 16K x heads
+# per sequence. On CUDA, SDPA is allowed only these; a call none of them takes is an error.
+FUSED_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+
+
+def fused_only(device: torch.device):
+    """On CUDA, a context in which SDPA may use only the fused kernels; elsewhere nothing."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in FUSED_BACKENDS if hasattr(SDPBackend, name)])
+
+
+def first_backend(candidates: Sequence[str], attempt) -> str:
+    """The first of `candidates` for which `attempt(name)` runs; ValueError naming them all when none does."""
+    reasons = []
+    for name in candidates:
+        try:
+            attempt(name)
+        except RuntimeError as exc:
+            reasons.append(f"{name}: {str(exc).splitlines()[0][:120]}")
+            continue
+        return name
+    raise ValueError("no fused attention kernel takes this model's masked attention (" + "; ".join(reasons) +
+                     "); SDPA would fall back to its math kernel, which materializes every query-by-key score "
+                     "matrix: serve another dtype (--dtype) or install a torch whose kernels support it")
+
+
+def check_backend(dtype: torch.dtype, heads: int, head_dim: int, device: torch.device) -> str:
+    """Which fused kernel serves a masked SDPA call of this model's shape on `device` (checked on the first
+    CUDA step, reported, and kept); "cpu" on the CPU, where a step's attention is checked by the tests."""
+    if device.type != "cuda":
+        return "cpu"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, heads, 8, head_dim, dtype=dtype, device=device)
+    mask = torch.zeros(2, 1, 8, 40, dtype=dtype, device=device)
+    kv = torch.randn(2, heads, 40, head_dim, dtype=dtype, device=device)
+
+    def attempt(name: str) -> None:
+        with sdpa_kernel([getattr(SDPBackend, name)]):
+            F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask)
+
+    return first_backend([n for n in FUSED_BACKENDS if hasattr(SDPBackend, n)], attempt)
 
 
 def paged_attention_forward(

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from executor.attention import METADATA_KWARG, PAGED_ATTENTION, PagedAttentionMetadata, register_paged_attention
+from executor.attention import (METADATA_KWARG, PAGED_ATTENTION, PagedAttentionMetadata, check_backend,
+                                register_paged_attention)
 from executor.kv_store import PagedKVStore
 from executor.models import LoadedModel
 from executor.native import packed_linears
+
+log = logging.getLogger("pensieve.executor")
 
 
 @dataclass
@@ -46,6 +50,11 @@ class ModelRunner:
         # so the model stays a stock transformers model (generate() etc.) outside `forward`.
         assert all(getattr(m, "config", self.model.config) is self.model.config for m in self.model.modules())
         register_paged_attention()
+        # The fused SDPA kernel that serves this model's masked attention (CUDA; checked once, reported).
+        self.attention_backend = check_backend(loaded.torch_dtype, loaded.model.config.num_attention_heads,
+                                               store.head_dim, self.device)
+        if self.device.type == "cuda":
+            log.info("attention: SDPA's %s kernel serves masked spans", self.attention_backend)
 
     @torch.inference_mode()
     def forward(self, seqs: Sequence[SeqInput], all_logits: bool = False) -> torch.Tensor:

@@ -80,7 +80,7 @@ def equivalence_check(model: str | None, device: str) -> dict:
     forced = {"swap_in_chunks": stats.swap_in_chunks, "swap_out_chunks": stats.swap_out_chunks,
               "dropped_chunks": stats.dropped_chunks, "suspensions": engine.scheduler.suspensions}
     missing = [k for k, v in forced.items() if not v]
-    summary = verdict.summary() + "; forced " + ", ".join(f"{k} {v}" for k, v in forced.items())
+    summary = verdict.summary() + f"; attention kernel {engine.runner.attention_backend}; forced " + ", ".join(f"{k} {v}" for k, v in forced.items())
     if missing:
         summary += f" (never happened: {', '.join(missing)}: the check proved less than it should)"
     return {"check": f"equivalence: {loaded.name}", "ok": verdict.ok and not missing,

@@ -3,6 +3,8 @@ bound itself, and the answers of a half-precision engine (the path that gathers)
 
 from __future__ import annotations
 
+import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,3 +59,25 @@ def test_half_precision_decodes_in_groups_answer_as_stateless(monkeypatch) -> No
     verdict = compare(logits("stateless", 64), logits("pensieve-gpu", 64), "float16")
     assert verdict.ok, verdict.failures[:3]
     assert any(len(g) > 1 for g in grouped)  # some steps attended their decodes in several groups
+
+
+def test_a_cuda_step_uses_a_fused_kernel_or_says_why_none_serves() -> None:
+    from executor.attention import FUSED_BACKENDS, check_backend, first_backend
+
+    tried = []
+
+    def flash_refuses(name: str) -> None:
+        tried.append(name)
+        if name == "FLASH_ATTENTION":
+            raise RuntimeError("No available kernel. Aborting execution.\nmore")
+
+    assert first_backend(FUSED_BACKENDS, flash_refuses) == "EFFICIENT_ATTENTION"
+    assert tried == ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"]
+
+    def none_serve(name: str) -> None:
+        raise RuntimeError(f"{name} does not take head size 96")
+
+    with pytest.raises(ValueError, match="math kernel") as error:
+        first_backend(FUSED_BACKENDS, none_serve)
+    assert all(name in str(error.value) for name in FUSED_BACKENDS)
+    assert check_backend(torch.float32, 4, 16, torch.device("cpu")) == "cpu"
