@@ -221,7 +221,7 @@ def validate(scenario: Scenario, source: str, progress: bool = True, device: str
     simulation is then run a second time with the profile scaled by it, and compared separately.
     """
     from executor.cpu import serving_threads, torch_threads, tune_allocator
-    from executor.profiler import machine_speed
+    from executor.profiling.speed import machine_speed
     from executor.realtime import load_scenario_model, serve
 
     if not scenario.profile:

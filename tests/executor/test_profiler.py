@@ -7,6 +7,9 @@ import torch
 import yaml
 
 from executor import profiler
+from executor.profiling import memory
+from executor.profiling.check import check_batches, print_check, run_check
+from executor.profiling.grid import Forward, Grid
 from executor.models import ModelLoadError
 from pensieve.cli import build_parser
 from pensieve.models import model_spec
@@ -44,20 +47,20 @@ def test_quick_profile_writes_every_table(tiny_profile):
 
 def test_check_runs_mixed_batches_against_the_profile(tiny_profile, capsys):
     profile = load_profile(tiny_profile)
-    rows = profiler.run_check(profile, args("--quick"), torch.device("cpu"))
+    rows = run_check(profile, args("--quick"), torch.device("cpu"))
     assert len(rows) == 7 + 3 and all(r.measured_s > 0 and r.predicted_s > 0 for r in rows)
     assert [r.anchor for r in rows] == [False] * 7 + [True] * 3  # grid points measure the machine's drift
     labels = {r.batch.label for r in rows}
     assert {"resume, swap-in + swap-out", "decodes", "long prefill past the rows"} <= labels
     assert all(r.interpolated_s > 0 for r in rows)  # the profile has a prefill table: both surfaces predict
-    profiler.print_check(rows, profile)
+    print_check(rows, profile)
     out = capsys.readouterr().out
     assert "fitted prefill surface" in out and "interpolated prefill surface" in out
     assert "predicted from the others" in out and "long prefills past the rows (1)" in out
 
 
 def test_check_batches_resume_with_recompute_and_a_gap(tiny_profile):
-    batches = profiler.check_batches(load_profile(tiny_profile), 6)
+    batches = check_batches(load_profile(tiny_profile), 6)
     spans, ctx = batches[1].prefills[0]
     assert spans[0][0] == 0 and spans[1][0] > spans[0][1] and ctx == spans[1][0] + spans[1][1]
     assert batches[1].swap_in >= 1 and batches[4].swap_out >= 2
@@ -92,7 +95,7 @@ def test_a_device_that_does_not_exist():
 
 
 def test_a_model_too_large_is_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(profiler, "_available_bytes", lambda device: 2 * 2**30)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * 2**30)
     with pytest.raises(ModelLoadError, match=r"needs about 2\d\.\d GB .* only 2\.1 GB is free"):
         profiler.main(args("--model", "random:llama-2-13b", "--dtype", "float16", "--quick", "--device", "cpu"))
 
@@ -110,7 +113,7 @@ def test_analytical_profiles_for_published_gpus(tmp_path):
 
 
 def test_grid_of_a_full_cpu_profile():
-    grid = profiler.Grid.choose(model_spec("smollm2-135m", "float32"), torch.device("cpu"), 32, quick=False)
+    grid = Grid.choose(model_spec("smollm2-135m", "float32"), torch.device("cpu"), 32, quick=False)
     assert grid.kv_lens == (32, 64, 128, 256, 512, 1024, 2048, 4096)
     assert grid.queries == (64, 128, 256, 512) and grid.decodes == (1, 2, 4, 8, 16)
     assert grid.fresh[-1] == 2048 and grid.repeats == 5  # whole-history prefills to half the context
@@ -118,8 +121,8 @@ def test_grid_of_a_full_cpu_profile():
 
 
 def test_full_cpu_grid_measures_whole_history_prefills_to_half_the_context():
-    grid = profiler.Grid.choose(model_spec("smollm2-135m"), torch.device("cpu"), 32, quick=False)
+    grid = Grid.choose(model_spec("smollm2-135m"), torch.device("cpu"), 32, quick=False)
     assert max(grid.fresh) == max(grid.kv_lens) // 2 > max(grid.queries)
-    assert profiler.Forward(max(grid.fresh), max(grid.fresh)) in grid.forwards()
-    quick = profiler.Grid.choose(model_spec("smollm2-135m"), torch.device("cpu"), 32, quick=True)
+    assert Forward(max(grid.fresh), max(grid.fresh)) in grid.forwards()
+    quick = Grid.choose(model_spec("smollm2-135m"), torch.device("cpu"), 32, quick=True)
     assert max(quick.fresh) == max(quick.queries)  # --quick stays under a minute

@@ -1,0 +1,1 @@
+"""The profiler's parts; `pensieve profile` is executor/profiler.py."""
