@@ -413,7 +413,8 @@ def paged_attention_forward(
             v = v.view(shape)[:, : d.max_kv].transpose(1, 2)
             # A decode's head groups share their KV head: fold them into the query length, [n, kv_heads, groups, dim].
             qd = qd.reshape(d.n, kv_heads, heads // kv_heads, head_dim)
-            o = F.scaled_dot_product_attention(qd, k, v, attn_mask=d.mask, scale=scale)
+            with fused_only(qd.device):
+                o = F.scaled_dot_product_attention(qd, k, v, attn_mask=d.mask, scale=scale)
             out[d.q_index] = o.reshape(d.n, heads, head_dim)
     return out.unsqueeze(0), None
 
