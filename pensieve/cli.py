@@ -12,7 +12,7 @@ from .workload import WorkloadError
 from .policies import REGISTRY
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, max_new_tokens_help: str = "tokens generated per turn") -> None:
     """The first prototype's options, shared by the executor's interactive verbs."""
     p.add_argument("--model", default=None,
                    help="hub name, local folder, .gguf file or random:<preset> (default: the built-in "
@@ -24,7 +24,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 when available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default: float32 on CPU, float16 on CUDA")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens generated per turn")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help=max_new_tokens_help)
     p.add_argument("--policy", default="pensieve", help=f"eviction policy: {', '.join(REGISTRY)}")
     p.add_argument("--chunk-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "prefix is reused. Accepted: max_tokens (max_completion_tokens), temperature, top_p, stop, "
                     "seed, stream, stream_options.include_usage, user, and vLLM's ignore_eos, min_tokens and "
                     "return_token_ids; anything else is refused with 400.")
-    _add_model_options(p)
+    _add_model_options(p, "max_tokens of a request that gives none (default 256; capped to the context left)")
     p.set_defaults(policy=None, max_new_tokens=256)
     p.add_argument("--scenario", default=None, help="take cache sizes, policy, scheduler and model from this "
                    "scenario (options given explicitly still win)")
