@@ -75,19 +75,21 @@ def test_the_cuda_path_issues_copies_and_events_in_copy_order(monkeypatch: pytes
     monkeypatch.setattr(torch.cuda, "Event", rec.event)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
-    original = torch.Tensor.copy_
+    original = torch._foreach_copy_
 
-    def recording_copy(self, src, non_blocking=False):
-        which = "host" if self.data_ptr() >= s.host_pool.data_ptr() and \
-            self.data_ptr() < s.host_pool.data_ptr() + s.host_pool.numel() * 4 else "device"
-        rec.log.append(("copy to", which))
-        return original(self, src)
+    def recording_copy(targets, sources, non_blocking=False):
+        host = s.host_pool
+        for target in targets:
+            inside = host.data_ptr() <= target.data_ptr() < host.data_ptr() + host.numel() * host.element_size()
+            rec.log.append(("copy to", "host" if inside else "device", len(targets)))
+        return original(targets, sources, non_blocking=False)
 
     s._copy_stream = Stream()
-    monkeypatch.setattr(torch.Tensor, "copy_", recording_copy)
+    monkeypatch.setattr(torch, "_foreach_copy_", recording_copy)
     events = s.copy_step(urgent_out=[(5, 2)], swap_in=[(7, 5)], ahead_out=[(9, 3)])
-    monkeypatch.setattr(torch.Tensor, "copy_", original)
+    monkeypatch.setattr(torch, "_foreach_copy_", original)
     kinds = [entry[0] if entry[0] != "copy to" else f"to {entry[1]}" for entry in rec.log]
+    assert all(entry[2] == 1 for entry in rec.log if entry[0] == "copy to")  # one call per layer and direction
     assert kinds == ["copy stream waits for compute",
                      "to host", "to device", "event",  # layer 0: refilled slot out, swap-in, event
                      "to host", "to device", "event",  # layer 1
@@ -125,3 +127,16 @@ def test_plans_tell_refilled_slots_swap_outs_from_ahead_of_time_copies(policy) -
                 break
         d.sched.cache.check_invariants()
     assert urgent and ahead  # both kinds happened
+
+
+def test_a_layer_s_copies_in_one_direction_are_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = store(device_slots=20, host_slots=12)
+    calls = []
+    original = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda t, src, non_blocking=False: calls.append(len(t)) or
+                        original(t, src, non_blocking=non_blocking))
+    before = s.device_pool.clone()
+    scattered = [(1, 0), (4, 3), (9, 7), (15, 11)]  # four runs: no two slots are neighbours on both sides
+    s.copy_step(urgent_out=scattered, swap_in=[])
+    assert calls == [4, 4]  # one call per layer (2 layers), each copying the 4 runs
+    assert torch.equal(s.host.gather([0, 3, 7, 11]), before[:, [1, 4, 9, 15]])
