@@ -55,28 +55,25 @@ def load_converted(path: Path, dtype: torch.dtype, convert: Callable[[Path], tup
 
 
 def _write(entry: Path, model, tokenizer, source: Path) -> None:
+    """Write the converted model to `entry` through a staging folder renamed at the end; any OS error (a
+    read-only or full disk, another process that renamed its copy first) leaves the cache as it was."""
+    staging = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
-        try:
-            # transformers will not save_pretrained a model it read from GGUF, though its weights
-            # are plain fp32 tensors by now: the weights and the config are written as such.
-            from safetensors.torch import save_model
+        # transformers will not save_pretrained a model it read from GGUF, though its weights are plain
+        # fp32 tensors by now: the weights and the config are written as such.
+        from safetensors.torch import save_model
 
-            save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
-            config = model.config.to_dict()
-            config.pop("quantization_config", None)
-            type(model.config).from_dict(config).save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / COMPLETE).write_text(f"{source}\n")
-            staging.rename(entry)
-        except FileExistsError:
-            pass  # another process converted it meanwhile
-        except OSError as exc:
-            if not (entry / COMPLETE).is_file():
-                raise exc
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    except OSError:  # a read-only or full disk: serve anyway, convert again next time
-        return
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(model.config).from_dict(config).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / COMPLETE).write_text(f"{source}\n")
+        staging.rename(entry)
+    except OSError:
+        pass
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -13,9 +13,22 @@ import resource
 from collections.abc import Iterator
 
 import torch
+from tqdm import tqdm
 
 PIECE_BYTES = 1 << 30
 PROGRESS_PIECES = 8  # a progress bar from this many pieces on
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to allocate now (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def memlock_limit() -> int | None:
@@ -32,8 +45,6 @@ class HostTier:
 
     def __init__(self, layers: int, slots: int, chunk_shape: tuple[int, ...], dtype: torch.dtype, pin: bool,
                  piece_bytes: int | None = None) -> None:
-        from executor.kv_store import available_memory
-
         piece_bytes = PIECE_BYTES if piece_bytes is None else piece_bytes
         slot_bytes = layers * dtype.itemsize
         for size in chunk_shape:
@@ -42,8 +53,6 @@ class HostTier:
         self.slots_per_piece = max(1, piece_bytes // max(1, slot_bytes))
         counts = [min(self.slots_per_piece, slots - start) for start in range(0, slots, self.slots_per_piece)]
         self.pieces: list[torch.Tensor] = []
-        from tqdm import tqdm
-
         with tqdm(total=slots * slot_bytes / 1e9, unit="GB", desc="host tier", disable=len(counts) < PROGRESS_PIECES,
                   bar_format="{desc}: {n:.1f}/{total:.1f} GB") as bar:
             for count in counts:

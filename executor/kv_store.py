@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from executor.host_tier import HostTier
+from executor.host_tier import HostTier, available_memory
 
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16}  # bfloat16: numpy has none
 
@@ -58,18 +58,6 @@ def copy_order(layers: int, urgent_out: list, swap_in: list, ahead_out: list) ->
         order.append(CopyOp("ahead", None, tuple(ahead_out)))
         order.append(CopyOp("event", None))
     return order
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to allocate now (Linux's MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def check_memory(what: str, nbytes: int) -> None:

@@ -208,10 +208,7 @@ class KVCacheManager:
         conversations nobody is waiting on are evicted ahead of it (queue-aware look-ahead)."""
         if conv.active:
             return
-        conv.active = True  # out of every index under its old release number ...
-        for index in self._indexes:
-            index.update(conv)
-        conv.active = False
+        self._unindex(conv)  # out of every index under its old release number ...
         conv.last_active = now
         conv.released = self._releases
         self._releases += 1
@@ -252,18 +249,9 @@ class KVCacheManager:
         n = conv.chunks
         if keep < n:
             had_chunks = conv.drop_end < n
-            conv.active = True  # out of every index while its layout changes
-            for index in self._indexes:
-                index.update(conv)
-            conv.active = False
+            self._unindex(conv)  # out of every index while its layout changes
             for i in range(keep, n):
-                dev, host = conv.dev[i], conv.host[i]
-                if dev >= 0:
-                    self.device.release(dev)
-                if host >= 0:
-                    self.host.release(host)
-                if dev >= 0 and host >= 0:
-                    self.clean_count -= 1
+                self._free_chunk(conv.dev[i], conv.host[i])
             del conv.dev[keep:], conv.host[keep:]
             dropped = sum(1 for d, h in zip(conv.dev, conv.host) if d < 0 and h < 0)
             host_only = sum(1 for d, h in zip(conv.dev, conv.host) if d < 0 <= h)
@@ -472,14 +460,8 @@ class KVCacheManager:
     def _drop_everything(self, conv: Conversation, count: bool) -> None:
         """Free every chunk of a conversation on both tiers (`count`: as evictions, in the stats)."""
         for i in range(conv.chunks):
-            dev, host = conv.dev[i], conv.host[i]
-            if dev >= 0:
-                self.device.release(dev)
-            if host >= 0:
-                self.host.release(host)
-            if dev >= 0 and host >= 0:
-                self.clean_count -= 1
-            if count and (dev >= 0 or host >= 0):
+            held = self._free_chunk(conv.dev[i], conv.host[i])
+            if count and held:
                 self.stats.dropped_chunks += 1
                 self.dropped_this_step += 1
             conv.dev[i] = conv.host[i] = -1
@@ -487,6 +469,24 @@ class KVCacheManager:
         for index in self._indexes:
             index.update(conv)
         self._check_lost(conv)
+
+    def _free_chunk(self, dev: int, host: int) -> bool:
+        """Release one chunk's slots on both tiers (-1: none there); whether it held any."""
+        if dev >= 0:
+            self.device.release(dev)
+        if host >= 0:
+            self.host.release(host)
+        if dev >= 0 and host >= 0:
+            self.clean_count -= 1
+        return dev >= 0 or host >= 0
+
+    def _unindex(self, conv: Conversation) -> None:
+        """Take an idle conversation out of every victim index (an active one is in none); the caller
+        changes it and files it again with `index.update`."""
+        conv.active = True
+        for index in self._indexes:
+            index.update(conv)
+        conv.active = False
 
     def _check_lost(self, conv: Conversation) -> None:
         """Tell a policy that keeps per-conversation state when a conversation's last kept chunk goes."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import threading
 import time
@@ -32,7 +31,7 @@ log = logging.getLogger("pensieve.serve")
 # made each step about 20% slower.
 BATCH_QUIET_S = 0.005  # an idle engine starts once no request has arrived for this long (within its window)
 DELIVERY_HOPS = 3
-DELIVERY_WAIT_S = float(os.environ.get("PENSIEVE_SERVE_SYNC", "0.02"))
+DELIVERY_WAIT_S = 0.02
 
 
 @dataclass
